@@ -1,0 +1,209 @@
+//! Support for the benchmark tools `fcgi-load` (a FastCGI load generator) and
+//! `fcgi-const` (a constant-answer FastCGI responder, the ceiling of the
+//! FastCGI path): socket addresses that are either a unix path or `host:port`,
+//! a minimal epoll wrapper, and process CPU time from `/proc`.
+//!
+//! Linux only. It is measurement tooling, not part of the daemon: no limits,
+//! no timeouts beyond what the tools need, no graceful shutdown.
+
+pub mod epoll;
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+/// Where to connect or listen: a unix socket when the address contains a `/`
+/// (an optional `unix:` prefix is stripped), else TCP `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// A unix socket path.
+    Unix(String),
+    /// A TCP `host:port`.
+    Tcp(String),
+}
+
+impl Address {
+    /// Classifies `s` as described on [`Address`].
+    pub fn parse(s: &str) -> Address {
+        let path = s.strip_prefix("unix:").unwrap_or(s);
+        if path.contains('/') {
+            Address::Unix(path.to_owned())
+        } else {
+            Address::Tcp(s.to_owned())
+        }
+    }
+
+    /// Opens a blocking connection (`TCP_NODELAY` set on TCP).
+    pub fn connect(&self) -> io::Result<Stream> {
+        match self {
+            Address::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
+            Address::Tcp(addr) => {
+                let s = TcpStream::connect(addr)?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+        }
+    }
+
+    /// Binds a listener. A stale unix socket file at the path is removed first
+    /// (any other kind of file is left alone and binding fails).
+    pub fn listen(&self) -> io::Result<Listener> {
+        match self {
+            Address::Unix(path) => {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if meta.file_type().is_socket() {
+                        std::fs::remove_file(path)?;
+                    }
+                }
+                UnixListener::bind(path).map(Listener::Unix)
+            }
+            Address::Tcp(addr) => TcpListener::bind(addr).map(Listener::Tcp),
+        }
+    }
+}
+
+/// A connected socket of either kind.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix domain.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Switches non-blocking mode.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// A listening socket of either kind.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix domain.
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Accepts one connection (`TCP_NODELAY` set on TCP).
+    pub fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+        }
+    }
+
+    /// Switches non-blocking mode.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Unix(l) => l.set_nonblocking(on),
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+/// CPU time (user + system, all threads) a process has used so far, from
+/// `/proc/PID/stat` (`"self"` for this process). Resolution is one clock tick.
+pub fn process_cpu_time(pid: &str) -> io::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc stat format");
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let after = &stat[stat.rfind(')').ok_or_else(bad)? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // after ')' : field 3 (state) is index 0, so utime (14) is 11, stime (15) is 12.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum::<Option<u64>>()
+        .ok_or_else(bad)?;
+    let hz = epoll::clock_ticks_per_second().max(1);
+    Ok(Duration::from_nanos(
+        ticks.saturating_mul(1_000_000_000) / hz,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_with_a_slash_are_unix_sockets() {
+        assert_eq!(
+            Address::parse("/tmp/x.sock"),
+            Address::Unix("/tmp/x.sock".into())
+        );
+        assert_eq!(
+            Address::parse("unix:/tmp/x.sock"),
+            Address::Unix("/tmp/x.sock".into())
+        );
+        assert_eq!(
+            Address::parse("127.0.0.1:9000"),
+            Address::Tcp("127.0.0.1:9000".into())
+        );
+    }
+
+    #[test]
+    fn own_cpu_time_is_readable_and_grows() {
+        let before = process_cpu_time("self").unwrap();
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = process_cpu_time("self").unwrap();
+        assert!(after > before, "{before:?} -> {after:?}");
+    }
+}

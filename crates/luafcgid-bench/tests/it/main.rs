@@ -1,0 +1,203 @@
+//! Runs the two bench binaries against each other on a unix socket in the
+//! temp directory: fcgi-const must answer what real clients send, and
+//! fcgi-load must count every request and report no errors.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fastcgi_protocol::client::{self, decode_reply, Reply};
+use fastcgi_protocol::{encode_record, Status, FLAG_KEEP_CONN, ROLE_AUTHORIZER, ROLE_RESPONDER};
+
+/// A running fcgi-const, killed and its socket removed on drop.
+struct ConstServer {
+    child: Child,
+    path: PathBuf,
+}
+
+impl ConstServer {
+    /// `tag` keeps the socket paths of tests running in parallel apart.
+    fn start(mode: &str, tag: &str) -> ConstServer {
+        let path = std::env::temp_dir().join(format!(
+            "fcgi-const-it-{}-{tag}-{mode}.sock",
+            std::process::id()
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_fcgi-const"))
+            .arg("--listen")
+            .arg(&path)
+            .args(["--mode", mode])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fcgi-const");
+        let server = ConstServer { child, path };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&server.path).is_err() {
+            assert!(Instant::now() < deadline, "fcgi-const did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    fn connect(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+}
+
+impl Drop for ConstServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads replies until `n` END_REQUEST/management replies have arrived.
+fn read_replies(stream: &mut UnixStream, n: usize) -> Vec<Reply> {
+    let mut buf = Vec::new();
+    let mut replies = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let finals = |rs: &[Reply]| {
+        rs.iter()
+            .filter(|r| !matches!(r, Reply::Stdout { .. } | Reply::Stderr { .. }))
+            .count()
+    };
+    while finals(&replies) < n {
+        let got = stream.read(&mut chunk).unwrap();
+        assert!(got > 0, "server closed early; got {replies:?}");
+        buf.extend_from_slice(&chunk[..got]);
+        while let Status::Complete((used, reply)) = decode_reply(&buf).unwrap() {
+            buf.drain(..used);
+            replies.push(reply);
+        }
+    }
+    replies
+}
+
+fn params() -> Vec<(&'static [u8], &'static [u8])> {
+    vec![
+        (b"SCRIPT_FILENAME", b"/srv/www/hello.lua"),
+        (b"REQUEST_METHOD", b"GET"),
+    ]
+}
+
+#[test]
+fn const_server_answers_what_clients_send() {
+    for mode in ["epoll", "threads"] {
+        let server = ConstServer::start(mode, "answers");
+        let mut s = server.connect();
+        let mut out = Vec::new();
+        client::encode_get_values(&[b"FCGI_MPXS_CONNS", b"FCGI_MAX_REQS", b"OTHER"], &mut out);
+        client::encode_request(1, true, params(), b"body", &mut out);
+        client::encode_begin_request(2, ROLE_AUTHORIZER, FLAG_KEEP_CONN, &mut out);
+        client::encode_begin_request(3, ROLE_RESPONDER, FLAG_KEEP_CONN, &mut out);
+        client::encode_abort(3, &mut out);
+        encode_record(99, 0, &[], &mut out);
+        s.write_all(&out).unwrap();
+        let replies = read_replies(&mut s, 5);
+
+        let stdout: Vec<u8> = replies
+            .iter()
+            .filter_map(|r| match r {
+                Reply::Stdout { id: 1, data } => Some(data.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(stdout.starts_with(b"Status: 200 OK\r\n"), "{mode}");
+        assert!(stdout.ends_with(b"\r\n\r\nHello World"), "{mode}");
+        let finals: Vec<&Reply> = replies
+            .iter()
+            .filter(|r| !matches!(r, Reply::Stdout { .. }))
+            .collect();
+        assert_eq!(
+            finals,
+            vec![
+                &Reply::GetValuesResult(vec![
+                    (b"FCGI_MAX_REQS".to_vec(), b"64".to_vec()),
+                    (b"FCGI_MPXS_CONNS".to_vec(), b"1".to_vec()),
+                ]),
+                &Reply::End {
+                    id: 1,
+                    app_status: 0,
+                    status: 0
+                },
+                &Reply::End {
+                    id: 2,
+                    app_status: 0,
+                    status: 3
+                },
+                &Reply::End {
+                    id: 3,
+                    app_status: 0,
+                    status: 0
+                },
+                &Reply::UnknownType(99),
+            ],
+            "{mode}"
+        );
+
+        // Without KEEP_CONN the server closes after answering.
+        let mut out = Vec::new();
+        client::encode_request(1, false, params(), b"", &mut out);
+        s.write_all(&out).unwrap();
+        let replies = read_replies(&mut s, 1);
+        assert!(matches!(replies.last(), Some(Reply::End { id: 1, .. })));
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{mode}: data after END_REQUEST");
+    }
+}
+
+fn run_load(server: &ConstServer, extra: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_fcgi-load"))
+        .arg("--connect")
+        .arg(&server.path)
+        .args(["--requests", "3000", "--connections", "7"])
+        .args(["--server-pid", &server.child.id().to_string()])
+        .args(extra)
+        .output()
+        .expect("run fcgi-load");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "fcgi-load failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn load_generator_counts_every_request() {
+    let server = ConstServer::start("epoll", "load");
+    for extra in [
+        &[][..],
+        &["--threads", "2"][..],
+        &["--no-keep-alive"][..],
+        &["--body-bytes", "70000", "--param", "HTTP_COOKIE=x=1"][..],
+    ] {
+        let out = run_load(&server, extra);
+        assert!(out.contains("requests    3000\n"), "{extra:?}: {out}");
+        assert!(out.contains("errors      0\n"), "{extra:?}: {out}");
+        assert!(out.contains("server cpu "), "{extra:?}: {out}");
+        assert!(out.contains("latency µs  p50 "), "{extra:?}: {out}");
+    }
+}
+
+#[test]
+fn load_generator_reports_a_dead_server_as_errors() {
+    let path = std::env::temp_dir().join(format!("fcgi-load-it-none-{}.sock", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_fcgi-load"))
+        .arg("--connect")
+        .arg(&path)
+        .args(["--requests", "10", "--connections", "2"])
+        .output()
+        .expect("run fcgi-load");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success());
+    assert!(stdout.contains("errors      10\n"), "{stdout}");
+    assert!(stdout.contains("connect:"), "{stdout}");
+}

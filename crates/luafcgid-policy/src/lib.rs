@@ -1,0 +1,378 @@
+//! Policy fields for luafcgid: the values that say what a script may use and how much.
+//!
+//! This crate parses the policy fields of `../shared`'s design section 5 (as found in a
+//! `policy.toml` or in the `[defaults]` and `[ceiling]` tables of the daemon config) into a
+//! raw, serde-checked [`PolicyFields`], and folds them over a [`Policy`] whose values are all
+//! concrete and validated. Sizes accept units (`"64MiB"`), durations accept units (`"250ms"`).
+//! It does no IO and knows nothing of Lua or FastCGI: the daemon turns a [`Policy`] into
+//! sandbox limits. Discovery of `policy.toml` files per directory is not here yet.
+#![forbid(unsafe_code)]
+
+mod units;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use units::{parse_duration, parse_rate, parse_size, Rate, UnitError};
+
+/// Why a policy value was refused.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum PolicyError {
+    /// A value has the right type but an impossible magnitude or form.
+    #[error("`{key}`: {message}")]
+    Invalid {
+        /// The field name.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// A size field: a byte count or a string with a unit (`"64MiB"`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// Plain bytes.
+    Bytes(u64),
+    /// A string with a unit: B, KiB, MiB, GiB (also KB, MB, GB as powers of 1000).
+    Text(String),
+}
+
+/// A duration field: integer milliseconds or a string with a unit (`"250ms"`, `"2s"`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum DurationValue {
+    /// Plain milliseconds.
+    Millis(u64),
+    /// A string with a unit: ms, s, min, h.
+    Text(String),
+}
+
+/// The `[rate]` table as written.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateFields {
+    /// Per client key.
+    pub per_client: Option<String>,
+    /// Per script.
+    pub per_script: Option<String>,
+    /// Per tenant.
+    pub per_tenant: Option<String>,
+    /// Burst size.
+    pub burst: Option<u32>,
+}
+
+/// Policy fields exactly as written in a file; every field optional.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFields {
+    pub tenant: Option<String>,
+    pub timeout_ms: Option<DurationValue>,
+    pub instructions: Option<u64>,
+    pub memory: Option<SizeValue>,
+    pub output: Option<SizeValue>,
+    pub body: Option<SizeValue>,
+    pub init_timeout_ms: Option<DurationValue>,
+    pub init_instructions: Option<u64>,
+    pub clones: Option<u32>,
+    pub persistent: Option<bool>,
+    pub state_max_requests: Option<u64>,
+    pub state_max_age: Option<DurationValue>,
+    pub libs: Option<Vec<String>>,
+    pub modules: Option<bool>,
+    pub show_errors: Option<bool>,
+    pub deny: Option<bool>,
+    pub entry: Option<String>,
+    pub rate: Option<RateFields>,
+    pub vars: Option<BTreeMap<String, toml::Value>>,
+    pub script: Option<BTreeMap<String, PolicyFields>>,
+    pub ceiling: Option<Box<PolicyFields>>,
+}
+
+/// Rate limits of a policy, parsed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateLimits {
+    pub per_client: Option<Rate>,
+    pub per_script: Option<Rate>,
+    pub per_tenant: Option<Rate>,
+    pub burst: Option<u32>,
+}
+
+/// The library names a policy may allow.
+pub const KNOWN_LIBS: &[&str] = &[
+    "string",
+    "table",
+    "math",
+    "utf8",
+    "coroutine",
+    "os.time",
+    "os.clock",
+    "os.date",
+    "os.difftime",
+];
+
+/// An effective policy: every value concrete and validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub tenant: Option<String>,
+    pub timeout: Duration,
+    pub instructions: u64,
+    pub memory: u64,
+    pub output: u64,
+    pub body: u64,
+    pub init_timeout: Duration,
+    pub init_instructions: u64,
+    pub clones: u32,
+    pub persistent: bool,
+    pub state_max_requests: u64,
+    pub state_max_age: Duration,
+    pub libs: Vec<String>,
+    pub modules: bool,
+    pub show_errors: bool,
+    pub deny: bool,
+    pub entry: Option<String>,
+    pub rate: RateLimits,
+    pub vars: Vec<(String, String)>,
+}
+
+impl Default for Policy {
+    /// The built-in defaults, used where neither the config nor a policy file says otherwise.
+    fn default() -> Self {
+        Policy {
+            tenant: None,
+            timeout: Duration::from_millis(1000),
+            instructions: 50_000_000,
+            memory: 64 << 20,
+            output: 8 << 20,
+            body: 1 << 20,
+            init_timeout: Duration::from_millis(1000),
+            init_instructions: 50_000_000,
+            clones: 2,
+            persistent: true,
+            state_max_requests: 0,
+            state_max_age: Duration::ZERO,
+            libs: KNOWN_LIBS.iter().map(|s| s.to_string()).collect(),
+            modules: true,
+            show_errors: false,
+            deny: false,
+            entry: None,
+            rate: RateLimits::default(),
+            vars: Vec::new(),
+        }
+    }
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> PolicyError {
+    PolicyError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn size(key: &'static str, v: &SizeValue) -> Result<u64, PolicyError> {
+    match v {
+        SizeValue::Bytes(n) => Ok(*n),
+        SizeValue::Text(t) => parse_size(t).map_err(|e| invalid(key, e.to_string())),
+    }
+}
+
+fn duration(key: &'static str, v: &DurationValue) -> Result<Duration, PolicyError> {
+    match v {
+        DurationValue::Millis(n) => Ok(Duration::from_millis(*n)),
+        DurationValue::Text(t) => parse_duration(t).map_err(|e| invalid(key, e.to_string())),
+    }
+}
+
+fn positive<T: PartialOrd + Default + Copy>(key: &'static str, v: T) -> Result<T, PolicyError> {
+    if v > T::default() {
+        Ok(v)
+    } else {
+        Err(invalid(key, "must be greater than zero"))
+    }
+}
+
+impl Policy {
+    /// Lays `fields` over this policy. Values are validated; nested `script` and `ceiling`
+    /// tables are not applied here (the caller chooses when they apply).
+    pub fn apply(&mut self, fields: &PolicyFields) -> Result<(), PolicyError> {
+        let f = fields;
+        if let Some(t) = &f.tenant {
+            if t.is_empty() || t.len() > 64 || t.chars().any(|c| c.is_control()) {
+                return Err(invalid("tenant", "must be 1 to 64 printable characters"));
+            }
+            self.tenant = Some(t.clone());
+        }
+        if let Some(v) = &f.timeout_ms {
+            self.timeout = positive("timeout_ms", duration("timeout_ms", v)?)?;
+        }
+        if let Some(v) = f.instructions {
+            self.instructions = positive("instructions", v)?;
+        }
+        if let Some(v) = &f.memory {
+            let m = size("memory", v)?;
+            if m < 256 << 10 {
+                return Err(invalid("memory", "must be at least 256KiB"));
+            }
+            self.memory = m;
+        }
+        if let Some(v) = &f.output {
+            self.output = positive("output", size("output", v)?)?;
+        }
+        if let Some(v) = &f.body {
+            self.body = size("body", v)?;
+        }
+        if let Some(v) = &f.init_timeout_ms {
+            self.init_timeout = positive("init_timeout_ms", duration("init_timeout_ms", v)?)?;
+        }
+        if let Some(v) = f.init_instructions {
+            self.init_instructions = positive("init_instructions", v)?;
+        }
+        if let Some(v) = f.clones {
+            if !(1..=1024).contains(&v) {
+                return Err(invalid("clones", "must be between 1 and 1024"));
+            }
+            self.clones = v;
+        }
+        if let Some(v) = f.persistent {
+            self.persistent = v;
+        }
+        if let Some(v) = f.state_max_requests {
+            self.state_max_requests = v;
+        }
+        if let Some(v) = &f.state_max_age {
+            self.state_max_age = duration("state_max_age", v)?;
+        }
+        if let Some(libs) = &f.libs {
+            for l in libs {
+                if !KNOWN_LIBS.contains(&l.as_str()) {
+                    return Err(invalid(
+                        "libs",
+                        format!("unknown library `{l}` (known: {})", KNOWN_LIBS.join(", ")),
+                    ));
+                }
+            }
+            self.libs = libs.clone();
+        }
+        if let Some(v) = f.modules {
+            self.modules = v;
+        }
+        if let Some(v) = f.show_errors {
+            self.show_errors = v;
+        }
+        if let Some(v) = f.deny {
+            self.deny = v;
+        }
+        if let Some(e) = &f.entry {
+            let ok = !e.is_empty()
+                && e.len() <= 64
+                && !e.starts_with(|c: char| c.is_ascii_digit())
+                && e.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(invalid("entry", "must be a Lua identifier"));
+            }
+            self.entry = Some(e.clone());
+        }
+        if let Some(r) = &f.rate {
+            let rate = |key: &'static str, v: &Option<String>| -> Result<Option<Rate>, PolicyError> {
+                v.as_deref()
+                    .map(|s| parse_rate(s).map_err(|e| invalid(key, e.to_string())))
+                    .transpose()
+            };
+            if let Some(v) = rate("rate.per_client", &r.per_client)? {
+                self.rate.per_client = Some(v);
+            }
+            if let Some(v) = rate("rate.per_script", &r.per_script)? {
+                self.rate.per_script = Some(v);
+            }
+            if let Some(v) = rate("rate.per_tenant", &r.per_tenant)? {
+                self.rate.per_tenant = Some(v);
+            }
+            if let Some(b) = r.burst {
+                self.rate.burst = Some(positive("rate.burst", b)?);
+            }
+        }
+        if let Some(vars) = &f.vars {
+            for (k, v) in vars {
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Float(x) => x.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    _ => {
+                        return Err(invalid(
+                            "vars",
+                            format!("`{k}` must be a string, number or boolean"),
+                        ))
+                    }
+                };
+                match self.vars.iter_mut().find(|(name, _)| name == k) {
+                    Some(slot) => slot.1 = text,
+                    None => self.vars.push((k.clone(), text)),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(src: &str) -> PolicyFields {
+        toml::from_str(src).unwrap()
+    }
+
+    #[test]
+    fn applies_values_with_units() {
+        let mut p = Policy::default();
+        p.apply(&fields(
+            "timeout_ms = \"250ms\"\nmemory = \"8MiB\"\nbody = 1024\nclones = 3\n[vars]\ngreeting = \"hi\"\nn = 4",
+        ))
+        .unwrap();
+        assert_eq!(p.timeout, Duration::from_millis(250));
+        assert_eq!(p.memory, 8 << 20);
+        assert_eq!(p.body, 1024);
+        assert_eq!(p.clones, 3);
+        assert_eq!(
+            p.vars,
+            vec![("greeting".into(), "hi".into()), ("n".into(), "4".into())]
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(toml::from_str::<PolicyFields>("timeout = 5").is_err());
+        let mut p = Policy::default();
+        assert!(p.apply(&fields("clones = 0")).is_err());
+        assert!(p.apply(&fields("memory = \"12 parsecs\"")).is_err());
+        assert!(p.apply(&fields("libs = [\"io\"]")).is_err());
+        assert!(p.apply(&fields("entry = \"os.exit\"")).is_err());
+        assert!(p.apply(&fields("timeout_ms = 0")).is_err());
+        assert_eq!(p, Policy::default());
+    }
+}
+
+#[cfg(test)]
+mod presets {
+    use super::*;
+
+    #[test]
+    fn shipped_presets_are_valid() {
+        for (name, text) in [
+            ("default", include_str!("../../../policies/default.toml")),
+            ("strict", include_str!("../../../policies/strict.toml")),
+            ("trusted", include_str!("../../../policies/trusted.toml")),
+        ] {
+            let fields: PolicyFields = toml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let mut p = Policy::default();
+            p.apply(&fields).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let mut p = Policy::default();
+        p.apply(&toml::from_str(include_str!("../../../policies/default.toml")).unwrap())
+            .unwrap();
+        assert_eq!(p, Policy::default(), "default.toml writes out the built-in defaults");
+    }
+}

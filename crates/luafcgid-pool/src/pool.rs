@@ -1,0 +1,606 @@
+//! Idle Lua states per script, with per-script admission, a global cap and eviction by
+//! popularity with aging.
+//!
+//! Invariants: a state is either idle in exactly one entry or leased to exactly one request;
+//! `total` counts idle + leased retained states and never exceeds the cap (a request that
+//! finds the cap reached and nothing idle to evict runs on a transient state that is dropped
+//! afterwards); states are dropped outside the lock (closing a Lua state takes time).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+/// A script's identity: its real path (after symlinks).
+pub type ScriptKey = Arc<Path>;
+
+/// What identifies a version of a file: any change of it means the file changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    mtime_ns: i128,
+    size: u64,
+    inode: u64,
+    device: u64,
+}
+
+impl FileStamp {
+    /// The stamp of a file from its metadata.
+    pub fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            size: meta.size(),
+            inode: meta.ino(),
+            device: meta.dev(),
+        }
+    }
+
+    /// The stamp of the file at `path` (following symlinks).
+    pub fn read(path: &Path) -> std::io::Result<FileStamp> {
+        std::fs::metadata(path).map(|m| FileStamp::of(&m))
+    }
+}
+
+/// What the pool needs to know of a state.
+pub trait Pooled: Send + 'static {
+    /// Files whose change makes the state stale (the script and the modules it loaded).
+    fn files(&self) -> &[PathBuf];
+    /// Requests served so far.
+    fn requests(&self) -> u64;
+}
+
+impl Pooled for luafcgid_sandbox::ScriptState {
+    fn files(&self) -> &[PathBuf] {
+        luafcgid_sandbox::ScriptState::files(self)
+    }
+    fn requests(&self) -> u64 {
+        luafcgid_sandbox::ScriptState::requests(self)
+    }
+}
+
+/// How a lease goes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retire {
+    /// Keep the state for later requests unless it is too old or stale.
+    Keep,
+    /// Drop the state (it hit a limit, the policy is not persistent, ...).
+    Discard,
+}
+
+/// Counts for diagnostics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// Retained states (idle + leased).
+    pub states: usize,
+    /// Idle states.
+    pub idle: usize,
+    /// Scripts with an entry.
+    pub scripts: usize,
+    /// States evicted to make room, since start.
+    pub evicted: u64,
+}
+
+struct Idle<S> {
+    state: S,
+    created: Instant,
+}
+
+struct Entry<S> {
+    idle: Vec<Idle<S>>,
+    leased: usize,
+    generation: u64,
+    stamp: Option<FileStamp>,
+    files: Vec<(PathBuf, Option<FileStamp>)>,
+    score: f64,
+    scored_at: Instant,
+    admission: Arc<Semaphore>,
+    clones: u32,
+}
+
+impl<S> Entry<S> {
+    fn new(clones: u32, now: Instant) -> Self {
+        Entry {
+            idle: Vec::new(),
+            leased: 0,
+            generation: 0,
+            stamp: None,
+            files: Vec::new(),
+            score: 0.0,
+            scored_at: now,
+            admission: Arc::new(Semaphore::new(clones as usize)),
+            clones,
+        }
+    }
+
+    fn popularity(&self, now: Instant, half_life: Duration) -> f64 {
+        let age = now.saturating_duration_since(self.scored_at).as_secs_f64();
+        self.score * (-age / half_life.as_secs_f64()).exp2()
+    }
+}
+
+struct Inner<S> {
+    entries: HashMap<ScriptKey, Entry<S>>,
+    total: usize,
+    evicted: u64,
+}
+
+/// A state lent to one request.
+#[derive(Debug)]
+pub struct Lease<S> {
+    key: ScriptKey,
+    state: Option<S>,
+    generation: u64,
+    created: Instant,
+    transient: bool,
+    /// The state was created for this request (its chunk just ran).
+    pub fresh: bool,
+    /// A script whose idle state was evicted to make room for this one.
+    pub evicted: Option<ScriptKey>,
+}
+
+impl<S> Lease<S> {
+    /// The leased state.
+    pub fn state(&mut self) -> &mut S {
+        self.state.as_mut().expect("a lease holds its state until checkin")
+    }
+}
+
+/// The pool of Lua states of every script.
+pub struct StatePool<S> {
+    inner: Mutex<Inner<S>>,
+    cap: usize,
+    half_life: Duration,
+}
+
+impl<S> std::fmt::Debug for StatePool<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatePool")
+            .field("cap", &self.cap)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn drop_all<S>(states: Vec<S>) {
+    drop(states)
+}
+
+impl<S: Pooled> StatePool<S> {
+    /// A pool retaining at most `states` states, whose popularity counts halve every
+    /// `half_life`.
+    pub fn new(states: usize, half_life: Duration) -> Self {
+        StatePool {
+            inner: Mutex::new(Inner {
+                entries: HashMap::new(),
+                total: 0,
+                evicted: 0,
+            }),
+            cap: states.max(1),
+            half_life,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner<S>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The semaphore that bounds concurrent requests of `key` to `clones`. A request holds
+    /// a permit from before it is queued until its state is checked back in.
+    pub fn admission(&self, key: &ScriptKey, clones: u32) -> Arc<Semaphore> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let entry = inner
+            .entries
+            .entry(key.clone())
+            .or_insert_with(|| Entry::new(clones, now));
+        if entry.clones != clones {
+            entry.clones = clones;
+            entry.admission = Arc::new(Semaphore::new(clones as usize));
+        }
+        entry.admission.clone()
+    }
+
+    /// Lends a state of `key`: an idle one if any, else one made by `build`. `stamp` is the
+    /// script file's current stamp; when it differs from the one the states were built
+    /// from, those states are retired first.
+    pub fn checkout<E>(
+        &self,
+        key: &ScriptKey,
+        stamp: FileStamp,
+        build: impl FnOnce() -> Result<S, E>,
+    ) -> Result<Lease<S>, E> {
+        let now = Instant::now();
+        let mut doomed: Vec<S> = Vec::new();
+        let (generation, transient, evicted) = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let half_life = self.half_life;
+            let entry = inner
+                .entries
+                .entry(key.clone())
+                .or_insert_with(|| Entry::new(1, now));
+            entry.score = entry.popularity(now, half_life) + 1.0;
+            entry.scored_at = now;
+            if entry.stamp != Some(stamp) {
+                if entry.stamp.is_some() {
+                    entry.generation += 1;
+                    inner.total -= entry.idle.len();
+                    doomed.extend(entry.idle.drain(..).map(|i| i.state));
+                }
+                entry.stamp = Some(stamp);
+                entry.files.clear();
+            }
+            if let Some(idle) = entry.idle.pop() {
+                entry.leased += 1;
+                let generation = entry.generation;
+                drop(guard);
+                drop_all(doomed);
+                return Ok(Lease {
+                    key: key.clone(),
+                    state: Some(idle.state),
+                    generation,
+                    created: idle.created,
+                    transient: false,
+                    fresh: false,
+                    evicted: None,
+                });
+            }
+            let generation = entry.generation;
+            let mut evicted = None;
+            let mut transient = false;
+            if inner.total >= self.cap {
+                // Evict one idle state of the least popular other script.
+                let victim = inner
+                    .entries
+                    .iter()
+                    .filter(|(k, e)| !e.idle.is_empty() && *k != key)
+                    .map(|(k, e)| (k.clone(), e.popularity(now, half_life)))
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|(k, _)| k);
+                match victim {
+                    Some(v) => {
+                        let e = inner.entries.get_mut(&v).expect("victim exists");
+                        // The least recently used idle state sits at the bottom.
+                        let state = e.idle.remove(0).state;
+                        doomed.push(state);
+                        inner.total -= 1;
+                        inner.evicted += 1;
+                        evicted = Some(v);
+                    }
+                    None => transient = true,
+                }
+            }
+            if !transient {
+                inner.total += 1;
+            }
+            let entry = inner.entries.get_mut(key).expect("entry exists");
+            entry.leased += 1;
+            (generation, transient, evicted)
+        };
+        drop_all(doomed);
+        match build() {
+            Ok(state) => {
+                let mut inner = self.lock();
+                if let Some(entry) = inner.entries.get_mut(key) {
+                    if entry.generation == generation && entry.files.is_empty() {
+                        entry.files = state
+                            .files()
+                            .iter()
+                            .map(|p| (p.clone(), FileStamp::read(p).ok()))
+                            .collect();
+                    }
+                }
+                Ok(Lease {
+                    key: key.clone(),
+                    state: Some(state),
+                    generation,
+                    created: now,
+                    transient,
+                    fresh: true,
+                    evicted,
+                })
+            }
+            Err(e) => {
+                let mut inner = self.lock();
+                if !transient {
+                    inner.total -= 1;
+                }
+                if let Some(entry) = inner.entries.get_mut(key) {
+                    entry.leased -= 1;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes a lease back. The state is kept idle when `retire` is `Keep`, its script has
+    /// not changed since it was built, and it is younger than `max_age` and has served fewer
+    /// than `max_requests` requests (zero: no bound).
+    pub fn checkin(&self, mut lease: Lease<S>, retire: Retire, max_requests: u64, max_age: Duration) {
+        let state = lease.state.take().expect("a lease holds its state until checkin");
+        let worn = (max_requests > 0 && state.requests() >= max_requests)
+            || (!max_age.is_zero() && lease.created.elapsed() >= max_age);
+        let mut inner = self.lock();
+        let keep = retire == Retire::Keep && !worn && !lease.transient;
+        let Some(entry) = inner.entries.get_mut(&lease.key) else {
+            if !lease.transient {
+                inner.total -= 1;
+            }
+            drop(inner);
+            drop(state);
+            return;
+        };
+        entry.leased -= 1;
+        if keep && entry.generation == lease.generation {
+            entry.idle.push(Idle {
+                state,
+                created: lease.created,
+            });
+            return;
+        }
+        if !lease.transient {
+            inner.total -= 1;
+        }
+        drop(inner);
+        drop(state);
+    }
+
+    /// Retires every state of `key` (its file was deleted or its policy changed).
+    pub fn invalidate(&self, key: &Path) {
+        let doomed = {
+            let mut inner = self.lock();
+            let mut doomed = Vec::new();
+            let mut drop_n = 0;
+            if let Some(entry) = inner.entries.get_mut(key) {
+                entry.generation += 1;
+                entry.stamp = None;
+                entry.files.clear();
+                drop_n = entry.idle.len();
+                doomed.extend(entry.idle.drain(..).map(|i| i.state));
+            }
+            inner.total -= drop_n;
+            doomed
+        };
+        drop_all(doomed);
+    }
+
+    /// Checks the files of every script with states; retires the states of scripts whose
+    /// file or modules changed or vanished, and forgets scripts with no states, no request
+    /// in flight and little popularity left. Returns the scripts retired.
+    pub fn sweep(&self) -> Vec<ScriptKey> {
+        let now = Instant::now();
+        let checks: Vec<(ScriptKey, u64, Vec<(PathBuf, Option<FileStamp>)>)> = {
+            let inner = self.lock();
+            inner
+                .entries
+                .iter()
+                .filter(|(_, e)| !e.files.is_empty())
+                .map(|(k, e)| (k.clone(), e.generation, e.files.clone()))
+                .collect()
+        };
+        let stale: Vec<(ScriptKey, u64)> = checks
+            .into_iter()
+            .filter(|(_, _, files)| {
+                files
+                    .iter()
+                    .any(|(p, stamp)| FileStamp::read(p).ok() != *stamp)
+            })
+            .map(|(k, g, _)| (k, g))
+            .collect();
+        let mut retired = Vec::new();
+        let mut doomed = Vec::new();
+        {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            for (key, generation) in stale {
+                if let Some(entry) = inner.entries.get_mut(&key) {
+                    if entry.generation == generation {
+                        entry.generation += 1;
+                        entry.stamp = None;
+                        entry.files.clear();
+                        inner.total -= entry.idle.len();
+                        doomed.extend(entry.idle.drain(..).map(|i| i.state));
+                        retired.push(key);
+                    }
+                }
+            }
+            let half_life = self.half_life;
+            inner.entries.retain(|_, e| {
+                let forgotten = e.idle.is_empty()
+                    && e.leased == 0
+                    && e.admission.available_permits() == e.clones as usize
+                    && e.popularity(now, half_life) < 0.01;
+                !forgotten
+            });
+        }
+        drop_all(doomed);
+        retired
+    }
+
+    /// Current counts.
+    pub fn stats(&self) -> PoolStats {
+        let inner = self.lock();
+        PoolStats {
+            states: inner.total,
+            idle: inner.entries.values().map(|e| e.idle.len()).sum(),
+            scripts: inner.entries.len(),
+            evicted: inner.evicted,
+        }
+    }
+
+    /// Idle states of one script.
+    pub fn idle_states(&self, key: &Path) -> usize {
+        self.lock().entries.get(key).map_or(0, |e| e.idle.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static BUILT: AtomicU64 = AtomicU64::new(0);
+
+    #[derive(Debug)]
+    struct Fake {
+        id: u64,
+        files: Vec<PathBuf>,
+        requests: u64,
+    }
+    impl Pooled for Fake {
+        fn files(&self) -> &[PathBuf] {
+            &self.files
+        }
+        fn requests(&self) -> u64 {
+            self.requests
+        }
+    }
+
+    fn fake(files: Vec<PathBuf>) -> Result<Fake, ()> {
+        Ok(Fake {
+            id: BUILT.fetch_add(1, Ordering::Relaxed),
+            files,
+            requests: 0,
+        })
+    }
+
+    fn key(p: &str) -> ScriptKey {
+        Arc::from(Path::new(p))
+    }
+
+    fn stamp(n: u64) -> FileStamp {
+        FileStamp {
+            mtime_ns: 0,
+            size: n,
+            inode: 1,
+            device: 1,
+        }
+    }
+
+    #[test]
+    fn idle_state_is_reused() {
+        let pool = StatePool::new(10, Duration::from_secs(60));
+        let k = key("/a.lua");
+        let mut l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
+        assert!(l.fresh);
+        let id = l.state().id;
+        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let mut l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
+        assert!(!l.fresh);
+        assert_eq!(l.state().id, id);
+        pool.checkin(l, Retire::Discard, 0, Duration::ZERO);
+        assert_eq!(pool.stats().states, 0);
+    }
+
+    #[test]
+    fn changed_stamp_retires_states() {
+        let pool = StatePool::new(10, Duration::from_secs(60));
+        let k = key("/a.lua");
+        let l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
+        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let l = pool.checkout(&k, stamp(2), || fake(vec![])).unwrap();
+        assert!(l.fresh);
+        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        assert_eq!(pool.stats().states, 1);
+    }
+
+    #[test]
+    fn state_leased_across_a_change_is_not_kept() {
+        let pool = StatePool::new(10, Duration::from_secs(60));
+        let k = key("/a.lua");
+        let old = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
+        let new = pool.checkout(&k, stamp(2), || fake(vec![])).unwrap();
+        pool.checkin(old, Retire::Keep, 0, Duration::ZERO);
+        pool.checkin(new, Retire::Keep, 0, Duration::ZERO);
+        assert_eq!(pool.idle_states(&k), 1);
+        assert_eq!(pool.stats().states, 1);
+    }
+
+    #[test]
+    fn eviction_takes_the_least_popular_idle_state() {
+        let pool = StatePool::new(2, Duration::from_secs(3600));
+        let (hot, cold, third) = (key("/hot.lua"), key("/cold.lua"), key("/third.lua"));
+        for _ in 0..5 {
+            let l = pool.checkout(&hot, stamp(1), || fake(vec![])).unwrap();
+            pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        }
+        let l = pool.checkout(&cold, stamp(1), || fake(vec![])).unwrap();
+        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        // `cold` was used last, but `hot` is more popular: `cold` goes.
+        let l = pool.checkout(&third, stamp(1), || fake(vec![])).unwrap();
+        assert_eq!(l.evicted.as_deref(), Some(Path::new("/cold.lua")));
+        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        assert_eq!(pool.idle_states(&hot), 1);
+        assert_eq!(pool.idle_states(&cold), 0);
+        assert_eq!(pool.stats().states, 2);
+    }
+
+    #[test]
+    fn popularity_ages() {
+        let pool = StatePool::new(2, Duration::from_millis(1));
+        let (old, new, third) = (key("/old.lua"), key("/new.lua"), key("/third.lua"));
+        for _ in 0..50 {
+            let l = pool.checkout(&old, stamp(1), || fake(vec![])).unwrap();
+            pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        }
+        // Fifty half-lives later the old burst counts for nothing.
+        std::thread::sleep(Duration::from_millis(50));
+        let l = pool.checkout(&new, stamp(1), || fake(vec![])).unwrap();
+        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let l = pool.checkout(&third, stamp(1), || fake(vec![])).unwrap();
+        assert_eq!(l.evicted.as_deref(), Some(Path::new("/old.lua")));
+        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+    }
+
+    #[test]
+    fn cap_reached_with_nothing_idle_gives_a_transient_state() {
+        let pool = StatePool::new(1, Duration::from_secs(60));
+        let (a, b) = (key("/a.lua"), key("/b.lua"));
+        let la = pool.checkout(&a, stamp(1), || fake(vec![])).unwrap();
+        let lb = pool.checkout(&b, stamp(1), || fake(vec![])).unwrap();
+        pool.checkin(lb, Retire::Keep, 0, Duration::ZERO);
+        assert_eq!(pool.idle_states(&b), 0);
+        pool.checkin(la, Retire::Keep, 0, Duration::ZERO);
+        assert_eq!(pool.stats().states, 1);
+    }
+
+    #[test]
+    fn worn_states_are_retired() {
+        let pool = StatePool::new(4, Duration::from_secs(60));
+        let k = key("/a.lua");
+        let mut l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
+        l.state().requests = 3;
+        pool.checkin(l, Retire::Keep, 3, Duration::ZERO);
+        assert_eq!(pool.idle_states(&k), 0);
+        assert_eq!(pool.stats().states, 0);
+    }
+
+    #[test]
+    fn sweep_retires_states_of_changed_files() {
+        let dir = std::env::temp_dir().join(format!("pool-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let module = dir.join("m.lua");
+        std::fs::write(&module, "return 1").unwrap();
+        let pool = StatePool::new(4, Duration::from_secs(60));
+        let k = key("/a.lua");
+        let m = module.clone();
+        let l = pool.checkout(&k, stamp(1), move || fake(vec![m])).unwrap();
+        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        assert!(pool.sweep().is_empty());
+        assert_eq!(pool.idle_states(&k), 1);
+        std::fs::write(&module, "return 22").unwrap();
+        assert_eq!(pool.sweep(), vec![k.clone()]);
+        assert_eq!(pool.idle_states(&k), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn failed_build_releases_its_slot() {
+        let pool: StatePool<Fake> = StatePool::new(1, Duration::from_secs(60));
+        let k = key("/a.lua");
+        assert!(pool.checkout(&k, stamp(1), || Err::<Fake, ()>(())).is_err());
+        assert_eq!(pool.stats().states, 0);
+    }
+}

@@ -1,0 +1,195 @@
+//! Lua state factory for luafcgid: one [`ScriptState`] is one Lua 5.4 state loaded with one
+//! script, in a restricted environment, run under limits that a script cannot escape.
+//!
+//! What it does: builds a state with only the safe parts of the standard library (see
+//! [`ScriptState::load`] for the exact list), runs the script's top-level chunk once under the
+//! init [`Limits`], then serves requests through [`ScriptState::handle`]: a request object
+//! (`r`/`con`) scoped to the request, the entry function (`handler(r)` or `main(env, con)`), an
+//! instruction budget and a wall-clock deadline enforced by one count hook, a per-state memory
+//! limit, an output limit, an abort flag, and `require` confined to the tenant's tree. Every
+//! outcome is typed ([`Failure`], [`LimitKind`]); nothing is classified by matching error text
+//! except Lua's own "not enough memory" (see [`LimitKind::Memory`]).
+//!
+//! What it does not do: it opens no sockets, reads no policy files and knows nothing of
+//! FastCGI; it does not pool states, decide when a state is retired, or render error pages
+//! (the pool and the binary do). It does not interrupt a single long-running C function such
+//! as a pathological pattern match (the hook only runs between VM instructions), and it does
+//! not yet neutralise `__gc` finalizers, which Lua runs with hooks disabled.
+
+#![forbid(unsafe_code)]
+
+mod env;
+mod helpers;
+mod limits;
+mod modules;
+mod request;
+mod state;
+mod status;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+pub use state::ScriptState;
+pub use status::status_reason;
+
+/// How many VM instructions run between two calls of the count hook. Instruction budgets are
+/// counted at this granularity, and the wall-clock deadline and the abort flag are checked
+/// this often (plus whenever a limit-aware wrapper such as `pcall` returns).
+pub const HOOK_PERIOD: u32 = 1000;
+
+/// Limits for one run of Lua code: a request, or the first run of a script's chunk.
+///
+/// A value of zero means "no limit" for every field. The limits do not cover time spent inside
+/// one C function (a long pattern match, `table.concat` of a huge table): the hook runs only
+/// between VM instructions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// VM instruction budget, counted by a count hook in steps of [`HOOK_PERIOD`]
+    /// instructions (a run may execute up to `HOOK_PERIOD - 1` instructions more).
+    pub instructions: u64,
+    /// Wall-clock time, checked at every hook call.
+    pub timeout: Duration,
+    /// Response bytes: the body plus the headers the script set (`name: value\r\n` each).
+    pub output: usize,
+}
+
+/// How to build one [`ScriptState`].
+#[derive(Debug, Clone)]
+pub struct StateOptions {
+    /// Real path of the script (already resolved and checked by the caller).
+    pub script: PathBuf,
+    /// Name used in error messages and tracebacks, e.g. `hello.lua` (never an absolute path).
+    pub chunk_name: String,
+    /// The tenant's root (a real path): `require` never loads a file outside it.
+    pub module_root: PathBuf,
+    /// Whether `require` may load `.lua` files (`require("luafcgid")` always works).
+    pub modules: bool,
+    /// Name of the entry function. `None`: `main` if the script defines it, else `handler`.
+    /// An entry named `main` is called as `main(env, con)`; any other as `name(r)`.
+    pub entry: Option<String>,
+    /// Memory limit of the state in bytes, Lua heap only (0 = none).
+    pub memory: usize,
+    /// Limits for the first run of the chunk; its output (`print`) is discarded.
+    pub init: Limits,
+}
+
+/// One request as the script sees it. Everything is fully assembled before Lua runs.
+#[derive(Debug)]
+pub struct RequestInput<'a> {
+    /// Every FastCGI param, in order (`r.env`, the `env` of `main(env, con)`).
+    pub params: &'a [(&'a [u8], &'a [u8])],
+    /// The request body (`r:gets()`, `r:body()`).
+    pub body: &'a [u8],
+    /// The policy's `[vars]` (`r:config(name)`).
+    pub vars: &'a [(String, String)],
+    /// Set by the front end when the client went away: Lua stops at its next hook (within
+    /// about a millisecond of running Lua code) and the request ends as [`Failure::Aborted`].
+    pub abort: &'a AtomicBool,
+}
+
+/// What a request (or a load) cost and how it ended.
+#[derive(Debug)]
+pub struct Report {
+    /// The response, or why there is none.
+    pub result: Result<Response, Failure>,
+    /// VM instructions executed, in steps of [`HOOK_PERIOD`] (a request shorter than that
+    /// reports 0).
+    pub instructions: u64,
+    /// Peak Lua heap bytes of the state seen during the request (sampled at every hook call
+    /// and at the end).
+    pub memory: usize,
+}
+
+/// The response a script produced. Status and Content-Type are `None` when the script left
+/// the configured defaults alone.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// `None`: the configured default status.
+    pub status: Option<u16>,
+    /// `None`: the configured default content type.
+    pub content_type: Option<String>,
+    /// Headers in call order, `Status` and `Content-Type` excluded. Names are valid header
+    /// tokens; neither names nor values contain CR, LF or NUL.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+    /// Messages of `r:log(msg)`, at most [`MAX_LOG_MESSAGES`], each cut to
+    /// [`MAX_LOG_MESSAGE_BYTES`] bytes (invalid UTF-8 replaced).
+    pub logs: Vec<String>,
+    /// Messages of `r:log(msg)` dropped beyond [`MAX_LOG_MESSAGES`].
+    pub logs_dropped: usize,
+}
+
+/// Most `r:log` messages kept per request.
+pub const MAX_LOG_MESSAGES: usize = 100;
+/// Longest `r:log` message kept, in bytes; longer ones are cut.
+pub const MAX_LOG_MESSAGE_BYTES: usize = 4096;
+
+/// Which limit a run hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKind {
+    /// The instruction budget is spent.
+    Instructions,
+    /// The wall-clock deadline passed.
+    Time,
+    /// The state's memory limit refused an allocation. Lua reports this as the error
+    /// "not enough memory", which a script can catch with `pcall`; a caught error with exactly
+    /// that message also counts as this limit (a script faking it only ends its own request).
+    Memory,
+    /// The response grew past the output limit.
+    Output,
+}
+
+impl LimitKind {
+    /// A short lowercase name: `instructions`, `time`, `memory`, `output`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Instructions => "instructions",
+            LimitKind::Time => "time",
+            LimitKind::Memory => "memory",
+            LimitKind::Output => "output",
+        }
+    }
+}
+
+impl std::fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a load or a request produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// The script is at fault: a runtime or syntax error (message and traceback), a bytecode
+    /// file, a bad return type, a missing entry function.
+    #[error("script error: {message}")]
+    Script {
+        /// What went wrong, with a Lua traceback where there is one.
+        message: String,
+    },
+    /// A limit ended the run. It cannot be caught by the script.
+    #[error("{kind} limit: {message}")]
+    Limit {
+        /// Which limit.
+        kind: LimitKind,
+        /// The limit and where the script was.
+        message: String,
+    },
+    /// The request's abort flag was set (the client went away).
+    #[error("aborted: the client went away")]
+    Aborted,
+    /// The script file could not be read at load.
+    #[error("cannot read the script: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Failure {
+    /// Whether the state may serve further requests: true only for [`Failure::Script`] (an
+    /// ordinary error leaves the state consistent, as in the original luafcgid). A state that
+    /// hit a limit or was aborted mid-run may hold half-updated globals and is discarded.
+    pub fn keeps_state(&self) -> bool {
+        matches!(self, Failure::Script { .. })
+    }
+}

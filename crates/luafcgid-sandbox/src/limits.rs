@@ -1,0 +1,238 @@
+//! The per-state budget behind the instruction, time, memory and output limits, and the count
+//! hook that enforces the first two.
+//!
+//! One [`Budget`] is shared (through an `Arc`) by the state's global count hook, the Rust
+//! functions exposed to scripts and the limit-aware wrappers of `pcall` and friends. It is
+//! re-armed before every run. Once something trips it, the trip is sticky until the next
+//! arm: the hook raises on every later call and every wrapper re-raises, so a script cannot
+//! catch its way past a limit. Classification is by the tripped flag, never by error text.
+//!
+//! The hook does not see the request's abort flag directly (the hook must be `'static`, the
+//! flag is borrowed); it asks a request-scoped probe function, at most once per
+//! [`PROBE_INTERVAL`] of wall-clock time.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use mlua::{Function, HookTriggers, Lua, VmState};
+
+use crate::{LimitKind, Limits, HOOK_PERIOD};
+
+/// How often, at most, the hook asks whether the request was aborted.
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Why a run was stopped: a limit, or the abort flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    Limit(LimitKind),
+    Aborted,
+}
+
+impl Stop {
+    fn code(self) -> u8 {
+        match self {
+            Stop::Limit(LimitKind::Instructions) => 1,
+            Stop::Limit(LimitKind::Time) => 2,
+            Stop::Limit(LimitKind::Memory) => 3,
+            Stop::Limit(LimitKind::Output) => 4,
+            Stop::Aborted => 5,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Stop> {
+        Some(match code {
+            1 => Stop::Limit(LimitKind::Instructions),
+            2 => Stop::Limit(LimitKind::Time),
+            3 => Stop::Limit(LimitKind::Memory),
+            4 => Stop::Limit(LimitKind::Output),
+            5 => Stop::Aborted,
+            _ => return None,
+        })
+    }
+
+    /// The error raised into Lua when a run is stopped.
+    pub(crate) fn error(self) -> mlua::Error {
+        mlua::Error::external(self)
+    }
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stop::Limit(LimitKind::Instructions) => "instruction limit reached",
+            Stop::Limit(LimitKind::Time) => "time limit reached",
+            Stop::Limit(LimitKind::Memory) => "memory limit reached",
+            Stop::Limit(LimitKind::Output) => "output limit reached",
+            Stop::Aborted => "request aborted",
+        })
+    }
+}
+
+impl std::error::Error for Stop {}
+
+/// Request-scoped function the hook calls to read the abort flag. Stored as app data of the
+/// state while a run is armed, `None` otherwise.
+#[derive(Default)]
+pub(crate) struct AbortProbe(pub(crate) Option<Function>);
+
+/// Shared, per-state budget of the current run. All fields are atomics only so that the hook
+/// closure is `Send`; one thread at a time uses a state, so `Relaxed` is enough.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    epoch: Instant,
+    /// Instructions counted so far (hook calls × period).
+    counted: AtomicU64,
+    /// Instruction budget; `u64::MAX` = none.
+    instructions: AtomicU64,
+    /// Deadline in nanoseconds since `epoch`; `u64::MAX` = none.
+    deadline: AtomicU64,
+    /// When the hook next asks the abort probe, in nanoseconds since `epoch`.
+    next_probe: AtomicU64,
+    /// `Stop::code` of the first stop of this run, 0 while running.
+    tripped: AtomicU8,
+    /// Highest Lua heap size seen during this run.
+    peak: AtomicUsize,
+}
+
+impl Budget {
+    pub(crate) fn new() -> Budget {
+        Budget {
+            epoch: Instant::now(),
+            counted: AtomicU64::new(0),
+            instructions: AtomicU64::new(u64::MAX),
+            deadline: AtomicU64::new(u64::MAX),
+            next_probe: AtomicU64::new(0),
+            tripped: AtomicU8::new(0),
+            peak: AtomicUsize::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Re-arms the budget for a new run under `limits`.
+    pub(crate) fn arm(&self, limits: &Limits, memory_now: usize) {
+        let now = self.now();
+        let instructions = match limits.instructions {
+            0 => u64::MAX,
+            n => n,
+        };
+        let deadline = if limits.timeout.is_zero() {
+            u64::MAX
+        } else {
+            let timeout = u64::try_from(limits.timeout.as_nanos()).unwrap_or(u64::MAX);
+            now.saturating_add(timeout)
+        };
+        self.counted.store(0, Relaxed);
+        self.instructions.store(instructions, Relaxed);
+        self.deadline.store(deadline, Relaxed);
+        self.next_probe.store(now + PROBE_INTERVAL.as_nanos() as u64, Relaxed);
+        self.tripped.store(0, Relaxed);
+        self.peak.store(memory_now, Relaxed);
+    }
+
+    /// The stop of the current run, if any.
+    pub(crate) fn stopped(&self) -> Option<Stop> {
+        Stop::from_code(self.tripped.load(Relaxed))
+    }
+
+    /// Errors if the run was stopped.
+    #[inline]
+    pub(crate) fn check(&self) -> mlua::Result<()> {
+        match self.stopped() {
+            None => Ok(()),
+            Some(stop) => Err(stop.error()),
+        }
+    }
+
+    /// Records `stop` (unless the run was already stopped, then the first cause stays) and
+    /// returns the error to raise.
+    pub(crate) fn trip(&self, stop: Stop) -> mlua::Error {
+        let _ = self
+            .tripped
+            .compare_exchange(0, stop.code(), Relaxed, Relaxed);
+        self.stopped().unwrap_or(stop).error()
+    }
+
+    pub(crate) fn instructions(&self) -> u64 {
+        self.counted.load(Relaxed)
+    }
+
+    pub(crate) fn note_memory(&self, bytes: usize) {
+        self.peak.fetch_max(bytes, Relaxed);
+    }
+
+    pub(crate) fn peak_memory(&self) -> usize {
+        self.peak.load(Relaxed)
+    }
+
+    /// The count hook: runs every [`HOOK_PERIOD`] instructions in every coroutine.
+    fn on_hook(&self, lua: &Lua) -> mlua::Result<VmState> {
+        self.check()?;
+        let counted = self.counted.load(Relaxed) + u64::from(HOOK_PERIOD);
+        self.counted.store(counted, Relaxed);
+        if counted > self.instructions.load(Relaxed) {
+            return Err(self.trip(Stop::Limit(LimitKind::Instructions)));
+        }
+        let now = self.now();
+        if now >= self.deadline.load(Relaxed) {
+            return Err(self.trip(Stop::Limit(LimitKind::Time)));
+        }
+        self.note_memory(lua.used_memory());
+        if now >= self.next_probe.load(Relaxed) {
+            self.next_probe
+                .store(now + PROBE_INTERVAL.as_nanos() as u64, Relaxed);
+            if probe_abort(lua)? {
+                return Err(self.trip(Stop::Aborted));
+            }
+        }
+        Ok(VmState::Continue)
+    }
+}
+
+/// Asks the request-scoped probe whether the abort flag is set.
+fn probe_abort(lua: &Lua) -> mlua::Result<bool> {
+    let probe = match lua.try_app_data_ref::<AbortProbe>() {
+        Ok(Some(probe)) => probe.0.clone(),
+        _ => None,
+    };
+    match probe {
+        Some(probe) => probe.call::<bool>(crate::request::OP_ABORT),
+        None => Ok(false),
+    }
+}
+
+/// Installs the count hook of `budget` on every thread of `lua`, coroutines the script creates
+/// included (`set_hook` would reach only the main thread).
+pub(crate) fn install_hook(lua: &Lua, budget: std::sync::Arc<Budget>) -> mlua::Result<()> {
+    lua.set_global_hook(
+        HookTriggers::new().every_nth_instruction(HOOK_PERIOD),
+        move |lua, _debug| budget.on_hook(lua),
+    )
+}
+
+/// Whether `err` (a Lua error value) is Lua's out-of-memory error.
+pub(crate) fn is_memory_error_value(err: &mlua::Value) -> bool {
+    match err {
+        mlua::Value::String(s) => s.as_bytes() == b"not enough memory".as_slice(),
+        mlua::Value::Error(e) => is_memory_error(e),
+        _ => false,
+    }
+}
+
+/// Whether `err` is, or was caused by, an allocation refused by the memory limit.
+pub(crate) fn is_memory_error(err: &mlua::Error) -> bool {
+    match err {
+        mlua::Error::MemoryError(_) => true,
+        // Lua's own message, as it arrives after crossing `coroutine.wrap` (which re-raises it
+        // as an ordinary error), possibly followed by a traceback.
+        mlua::Error::RuntimeError(msg) => {
+            msg == "not enough memory" || msg.starts_with("not enough memory\n")
+        }
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        mlua::Error::BadArgument { cause, .. } => is_memory_error(cause),
+        mlua::Error::WithContext { cause, .. } => is_memory_error(cause),
+        _ => false,
+    }
+}

@@ -1,0 +1,82 @@
+//! The command line: `luafcgid serve` and its flags (design section 5). Parsing only; the
+//! values become a [`Config`](crate::config::Config) through
+//! [`RawConfig::validate`](crate::config::RawConfig::validate).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+
+/// Exit code for usage and configuration errors (sysexits' EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+/// A sandboxed, stateful FastCGI daemon for Lua 5.4.
+#[derive(Debug, Parser)]
+#[command(name = "luafcgid", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve Lua scripts over FastCGI.
+    Serve(ServeArgs),
+}
+
+/// Flags of `luafcgid serve`; they win over the config file.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Daemon config file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Validate the config and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// FastCGI listener: host:port, :port, [v6]:port, or a unix socket path (has a `/`). Repeatable.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Document root; scripts must lie inside one. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub docroot: Vec<PathBuf>,
+    /// Development HTTP listener (host:port), so a page shows without a web server.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Lua worker threads (default: number of CPUs).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Most Lua states kept, all scripts together.
+    #[arg(long, value_name = "N")]
+    pub states: Option<usize>,
+    /// Most states of one script at once.
+    #[arg(long, value_name = "N")]
+    pub clones: Option<u32>,
+    /// How stale a changed script may be, in milliseconds.
+    #[arg(long = "sweep-ms", value_name = "N")]
+    pub sweep_ms: Option<u64>,
+    /// Audit log file (JSON lines; default stdout).
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Metrics listener (host:port).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+}
+
+impl ServeArgs {
+    /// The flags as config overrides.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            docroot: self.docroot.clone(),
+            http: self.http.clone(),
+            workers: self.workers,
+            states: self.states,
+            clones: self.clones,
+            sweep_ms: self.sweep_ms,
+            log: self.log.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! One FastCGI connection: reads records into the sans-IO decoder, answers management
+//! records, resolves each request's script as soon as its params are complete (so an
+//! oversized body is never buffered), dispatches complete requests, and writes replies as
+//! workers finish them, in any order (several requests may share a connection).
+//!
+//! A connection costs no worker while idle or while its peer is slow: Lua only sees whole
+//! requests. Timeouts: the requests being assembled must make progress within
+//! `read_timeout`, an idle keep-alive connection closes after `idle_timeout`, and a peer
+//! that does not read its replies is dropped after `read_timeout`. When the peer goes away,
+//! every request of the connection still in Lua is told to stop.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use fastcgi_protocol::{
+    encode_end_request, encode_get_values_result, encode_unknown_type, Decoder, Event, Status,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant as TokioInstant};
+
+use crate::dispatch::{dispatch, Framing, Incoming, Reply};
+use crate::resolve::{Refusal, Script};
+use crate::server::Shared;
+
+/// Bytes read from the socket at a time (the buffer grows only to hold one record).
+const READ_CHUNK: usize = 16 * 1024;
+
+struct InFlight {
+    abort: Arc<AtomicBool>,
+}
+
+/// Whether this daemon multiplexes requests on one connection (`FCGI_MPXS_CONNS`).
+pub const MPXS_CONNS: bool = true;
+
+fn get_values(shared: &Shared, names: &[Vec<u8>], out: &mut Vec<u8>) {
+    let max_conns = shared.config.max_connections.to_string();
+    let max_reqs = (shared.config.max_connections * shared.limits.max_requests_per_connection)
+        .to_string();
+    let mut pairs: Vec<(&[u8], &[u8])> = Vec::new();
+    for n in names {
+        match n.as_slice() {
+            b"FCGI_MAX_CONNS" => pairs.push((b"FCGI_MAX_CONNS", max_conns.as_bytes())),
+            b"FCGI_MAX_REQS" => pairs.push((b"FCGI_MAX_REQS", max_reqs.as_bytes())),
+            b"FCGI_MPXS_CONNS" => {
+                pairs.push((b"FCGI_MPXS_CONNS", if MPXS_CONNS { b"1" } else { b"0" }))
+            }
+            _ => {}
+        }
+    }
+    encode_get_values_result(&pairs, out);
+}
+
+/// Serves one FastCGI connection until it closes.
+pub async fn serve<S>(mut stream: S, peer: Arc<str>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let mut decoder = Decoder::new(shared.limits.clone());
+    let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut out: Vec<u8> = Vec::new();
+    let mut in_flight: HashMap<u16, InFlight> = HashMap::new();
+    let mut resolved: HashMap<u16, Result<Arc<Script>, Refusal>> = HashMap::new();
+    let mut shutdown = shared.shutdown_signal();
+    let config = &shared.config;
+    let mut progress = Instant::now();
+    let mut closing = false;
+
+    'conn: loop {
+        // Decode every whole record in the buffer.
+        let mut start = 0;
+        loop {
+            match decoder.decode(&inbuf[start..]) {
+                Ok(Status::Partial) => break,
+                Ok(Status::Complete((used, event))) => {
+                    start += used;
+                    let Some(event) = event else { continue };
+                    match event {
+                        Event::ParamsComplete { id } => {
+                            let answer = shared
+                                .resolver
+                                .resolve(decoder.params(id).and_then(|p| p.get(b"SCRIPT_FILENAME")));
+                            let limit = match &answer {
+                                Ok(script) => shared.policy_for(script).body,
+                                Err(_) => 0,
+                            };
+                            decoder.set_body_limit(id, limit);
+                            resolved.insert(id, answer);
+                        }
+                        Event::Request(req) => {
+                            progress = Instant::now();
+                            let id = req.id;
+                            let abort = Arc::new(AtomicBool::new(false));
+                            in_flight.insert(
+                                id,
+                                InFlight {
+                                    abort: abort.clone(),
+                                },
+                            );
+                            let answer = resolved.remove(&id);
+                            let (params, answer) = match req.params {
+                                Ok(p) => (p, answer.unwrap_or(Err(Refusal::BadRequest("no params")))),
+                                Err(_) => (
+                                    fastcgi_protocol::Params::decode(Vec::new())
+                                        .expect("no pairs is a valid params stream"),
+                                    Err(Refusal::BadRequest("malformed params")),
+                                ),
+                            };
+                            let inc = Incoming {
+                                framing: Framing::FastCgi { id },
+                                keep_conn: req.keep_conn,
+                                params,
+                                body: req.body,
+                                body_len: req.body_len,
+                                body_exceeded: req.body_exceeded,
+                                peer: peer.clone(),
+                                abort,
+                                received: Instant::now(),
+                            };
+                            dispatch(&shared, inc, answer, tx.clone());
+                        }
+                        Event::Abort { id } => {
+                            if let Some(f) = in_flight.get(&id) {
+                                f.abort.store(true, Ordering::Relaxed);
+                            } else {
+                                // Aborted while still being assembled: answer at once.
+                                decoder.finish(id);
+                                resolved.remove(&id);
+                                encode_end_request(
+                                    id,
+                                    1,
+                                    fastcgi_protocol::ProtocolStatus::RequestComplete,
+                                    &mut out,
+                                );
+                            }
+                        }
+                        Event::Rejected { id, status } => {
+                            encode_end_request(id, 0, status, &mut out);
+                        }
+                        Event::GetValues { names } => get_values(&shared, &names, &mut out),
+                        Event::UnknownType { kind } => encode_unknown_type(kind, &mut out),
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("closing a FastCGI connection: {e}");
+                    let _ = write_out(&mut stream, &mut out, config.read_timeout).await;
+                    break 'conn;
+                }
+            }
+        }
+        if start > 0 {
+            inbuf.drain(..start);
+        }
+        if !out.is_empty() && write_out(&mut stream, &mut out, config.read_timeout).await.is_err() {
+            break 'conn;
+        }
+        if closing && in_flight.is_empty() {
+            break;
+        }
+        let assembling = decoder.assembling();
+        let deadline = if assembling {
+            Some(progress + config.read_timeout)
+        } else if in_flight.is_empty() {
+            if *shutdown.borrow() {
+                break;
+            }
+            Some(progress + config.idle_timeout)
+        } else {
+            None
+        };
+        if inbuf.capacity() - inbuf.len() < READ_CHUNK / 4 {
+            inbuf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            r = stream.read_buf(&mut inbuf), if !closing => {
+                match r {
+                    Ok(0) | Err(_) => break 'conn,
+                    Ok(_) => {
+                        if !assembling && in_flight.is_empty() {
+                            progress = Instant::now();
+                        }
+                    }
+                }
+            }
+            Some(reply) = rx.recv() => {
+                if let Framing::FastCgi { id } = reply.framing {
+                    in_flight.remove(&id);
+                    decoder.finish(id);
+                }
+                progress = Instant::now();
+                out.extend_from_slice(&reply.bytes);
+                let mut keep = reply.keep_conn;
+                // Write what else is ready in the same syscall.
+                while let Ok(more) = rx.try_recv() {
+                    if let Framing::FastCgi { id } = more.framing {
+                        in_flight.remove(&id);
+                        decoder.finish(id);
+                    }
+                    keep &= more.keep_conn;
+                    out.extend_from_slice(&more.bytes);
+                }
+                if write_out(&mut stream, &mut out, config.read_timeout).await.is_err() {
+                    break 'conn;
+                }
+                if !keep {
+                    closing = true;
+                    if in_flight.is_empty() {
+                        break 'conn;
+                    }
+                }
+            }
+            _ = sleep_until(TokioInstant::from_std(deadline.unwrap_or_else(far_future))), if deadline.is_some() => {
+                break 'conn;
+            }
+            _ = shutdown.changed(), if !*shutdown.borrow() => {}
+        }
+    }
+    for f in in_flight.values() {
+        f.abort.store(true, Ordering::Relaxed);
+    }
+    let _ = stream.shutdown().await;
+}
+
+fn far_future() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(86_400)
+}
+
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut Vec<u8>,
+    timeout: std::time::Duration,
+) -> Result<(), ()> {
+    let r = tokio::time::timeout(timeout, stream.write_all(out)).await;
+    out.clear();
+    match r {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}

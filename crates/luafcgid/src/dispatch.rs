@@ -1,0 +1,404 @@
+//! From an assembled request to its reply: the checks that answer before Lua runs
+//! (bad request, not found, forbidden, body too large), admission (a bounded wait for one of
+//! the script's `clones`, then the bounded worker queue; beyond either, 503 `shed`), and the
+//! job a Lua worker runs: check a state out, run the entry function under the policy's
+//! limits, check the state back in, render, audit, reply.
+//!
+//! Both front ends (FastCGI and the development HTTP listener) come through here, so every
+//! request gets exactly one reply and one audit line, whatever happens to it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use fastcgi_protocol::{encode_end_request, encode_response, Params, ProtocolStatus};
+use luafcgid_policy::Policy;
+use luafcgid_pool::Retire;
+use luafcgid_sandbox::{Failure, Limits, RequestInput, ScriptState, StateOptions};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::audit::{timestamp, truncate, RequestEvent};
+use crate::outcome::Outcome;
+use crate::render::{error_page, render};
+use crate::resolve::{Refusal, Script};
+use crate::server::Shared;
+
+/// How a reply is framed for its front end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// FastCGI records for this request id.
+    FastCgi { id: u16 },
+    /// Plain CGI output (the HTTP listener converts it).
+    Cgi,
+}
+
+/// A finished reply, ready to write.
+#[derive(Debug)]
+pub struct Reply {
+    pub framing: Framing,
+    /// FastCGI records, or CGI output.
+    pub bytes: Vec<u8>,
+    pub keep_conn: bool,
+}
+
+/// Where a front end receives its replies.
+pub type ReplyTx = UnboundedSender<Reply>;
+
+/// A request as a front end assembled it.
+#[derive(Debug)]
+pub struct Incoming {
+    pub framing: Framing,
+    pub keep_conn: bool,
+    pub params: Params,
+    pub body: Vec<u8>,
+    pub body_len: u64,
+    pub body_exceeded: bool,
+    /// The peer, for the audit log when the client key param is absent.
+    pub peer: Arc<str>,
+    /// Set when the client went away.
+    pub abort: Arc<AtomicBool>,
+    pub received: Instant,
+}
+
+struct Audit<'a> {
+    request_id: &'a str,
+    script: Option<&'a Script>,
+    status: Option<u16>,
+    outcome: Outcome,
+    instructions: Option<u64>,
+    memory: Option<u64>,
+    bytes_out: Option<u64>,
+    state: Option<&'static str>,
+    error: Option<&'a str>,
+}
+
+fn param_str<'a>(p: &'a Params, name: &str) -> Option<&'a str> {
+    p.get(name.as_bytes()).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
+    let client = param_str(&inc.params, &shared.config.client_key).or(Some(&inc.peer));
+    let ev = RequestEvent {
+        ts: timestamp(),
+        event: "request",
+        request_id: a.request_id,
+        client: client.map(truncate),
+        method: param_str(&inc.params, "REQUEST_METHOD").map(truncate),
+        uri: param_str(&inc.params, "REQUEST_URI").map(truncate),
+        script: a.script.map(|s| truncate(&s.relative)),
+        tenant: a.script.map(|s| s.tenant.as_str()),
+        policy: a.script.map(|_| Vec::new()),
+        status: a.status,
+        outcome: a.outcome.as_str(),
+        duration_us: inc.received.elapsed().as_micros() as u64,
+        instructions: a.instructions,
+        memory: a.memory,
+        bytes_in: Some(inc.body_len),
+        bytes_out: a.bytes_out,
+        state: a.state,
+        error: a.error.map(truncate),
+    };
+    shared.audit.emit(&ev);
+}
+
+fn frame(framing: Framing, cgi: &[u8], out: &mut Vec<u8>) {
+    match framing {
+        Framing::FastCgi { id } => encode_response(id, cgi, out),
+        Framing::Cgi => out.extend_from_slice(cgi),
+    }
+}
+
+fn is_head(p: &Params) -> bool {
+    p.get(b"REQUEST_METHOD") == Some(b"HEAD")
+}
+
+/// Answers `inc` with an error page without running Lua.
+pub fn answer_early(
+    shared: &Shared,
+    inc: &Incoming,
+    script: Option<&Script>,
+    outcome: Outcome,
+    retry_after: Option<u64>,
+    detail: Option<&str>,
+    tx: &ReplyTx,
+) {
+    let request_id = shared.ids.next_id();
+    let status = outcome.status();
+    let mut cgi = Vec::with_capacity(512);
+    error_page(status, &request_id, None, retry_after, is_head(&inc.params), &mut cgi);
+    let mut bytes = Vec::with_capacity(cgi.len() + 64);
+    frame(inc.framing, &cgi, &mut bytes);
+    emit(
+        shared,
+        inc,
+        Audit {
+            request_id: &request_id,
+            script,
+            status: Some(status),
+            outcome,
+            instructions: None,
+            memory: None,
+            bytes_out: Some(0),
+            state: None,
+            error: detail,
+        },
+    );
+    let _ = tx.send(Reply {
+        framing: inc.framing,
+        bytes,
+        keep_conn: inc.keep_conn,
+    });
+}
+
+/// Seconds a shed client should wait before retrying.
+const SHED_RETRY_AFTER: u64 = 1;
+
+/// Runs a request: answers it early when it cannot run, else admits it to a worker.
+pub fn dispatch(
+    shared: &Arc<Shared>,
+    inc: Incoming,
+    resolved: Result<Arc<Script>, Refusal>,
+    tx: ReplyTx,
+) {
+    let script = match resolved {
+        Ok(s) => s,
+        Err(refusal) => {
+            let (outcome, why) = match refusal {
+                Refusal::BadRequest(w) => (Outcome::BadRequest, w),
+                Refusal::NotFound => (Outcome::NotFound, "no such script"),
+                Refusal::Forbidden(w) => (Outcome::Forbidden, w),
+            };
+            return answer_early(shared, &inc, None, outcome, None, Some(why), &tx);
+        }
+    };
+    let policy = shared.policy_for(&script);
+    if inc.body_exceeded || inc.body_len > policy.body {
+        return answer_early(
+            shared,
+            &inc,
+            Some(&script),
+            Outcome::BodyTooLarge,
+            None,
+            Some("request body over the limit"),
+            &tx,
+        );
+    }
+    let admission = shared.pool.admission(&script.key, policy.clones);
+    match admission.clone().try_acquire_owned() {
+        Ok(permit) => submit(shared, inc, script, policy, permit, tx),
+        Err(_) => {
+            if shared.waiting.load(Ordering::Relaxed) >= shared.config.queue_max {
+                return answer_early(
+                    shared,
+                    &inc,
+                    Some(&script),
+                    Outcome::Shed,
+                    Some(SHED_RETRY_AFTER),
+                    Some("too many requests waiting"),
+                    &tx,
+                );
+            }
+            shared.waiting.fetch_add(1, Ordering::Relaxed);
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let waited =
+                    tokio::time::timeout(shared.config.queue_timeout, admission.acquire_owned())
+                        .await;
+                shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                match waited {
+                    Ok(Ok(permit)) if !inc.abort.load(Ordering::Relaxed) => {
+                        submit(&shared, inc, script, policy, permit, tx)
+                    }
+                    Ok(Ok(_)) => {}
+                    _ => answer_early(
+                        &shared,
+                        &inc,
+                        Some(&script),
+                        Outcome::Shed,
+                        Some(SHED_RETRY_AFTER),
+                        Some("waited too long for a state"),
+                        &tx,
+                    ),
+                }
+            });
+        }
+    }
+}
+
+/// A request admitted to the Lua workers.
+#[derive(Debug)]
+pub struct Job {
+    shared: Arc<Shared>,
+    inc: Incoming,
+    script: Arc<Script>,
+    policy: Arc<Policy>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    tx: ReplyTx,
+}
+
+impl Job {
+    /// Runs the job on the calling (worker) thread.
+    pub fn run(self) {
+        run(&self.shared, &self.inc, &self.script, &self.policy, &self.tx);
+        drop(self.permit);
+    }
+}
+
+fn submit(
+    shared: &Arc<Shared>,
+    inc: Incoming,
+    script: Arc<Script>,
+    policy: Arc<Policy>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    tx: ReplyTx,
+) {
+    let job = Job {
+        shared: shared.clone(),
+        inc,
+        script,
+        policy,
+        permit,
+        tx,
+    };
+    if let Err((_, job)) = shared.workers.submit(job) {
+        answer_early(
+            shared,
+            &job.inc,
+            Some(&job.script),
+            Outcome::Shed,
+            Some(SHED_RETRY_AFTER),
+            Some("the worker queue is full"),
+            &job.tx,
+        );
+    }
+}
+
+/// Builds the sandbox options of a script under a policy.
+pub fn state_options(script: &Script, policy: &Policy) -> StateOptions {
+    StateOptions {
+        script: script.key.to_path_buf(),
+        chunk_name: script.relative.clone(),
+        module_root: script.tenant_root.clone(),
+        modules: policy.modules,
+        entry: policy.entry.clone(),
+        memory: policy.memory as usize,
+        init: Limits {
+            instructions: policy.init_instructions,
+            timeout: policy.init_timeout,
+            output: policy.output as usize,
+        },
+    }
+}
+
+fn run(shared: &Shared, inc: &Incoming, script: &Script, policy: &Policy, tx: &ReplyTx) {
+    let request_id = shared.ids.next_id();
+    let head = is_head(&inc.params);
+    let limits = Limits {
+        instructions: policy.instructions,
+        timeout: policy.timeout,
+        output: policy.output as usize,
+    };
+    let mut instructions = None;
+    let mut memory = None;
+    let mut state_kind = None;
+    let result: Result<luafcgid_sandbox::Response, Failure> = if inc.abort.load(Ordering::Relaxed) {
+        Err(Failure::Aborted)
+    } else {
+        let lease = shared.pool.checkout(&script.key, script.stamp, || {
+            ScriptState::load(&state_options(script, policy), &inc.abort)
+        });
+        match lease {
+            Err(f) => Err(f),
+            Ok(mut lease) => {
+                if let Some(victim) = &lease.evicted {
+                    shared.audit.lifecycle(
+                        "state_evicted",
+                        serde_json::json!({"script": victim.to_string_lossy(), "reason": "capacity"}),
+                    );
+                }
+                state_kind = Some(if lease.fresh { "new" } else { "warm" });
+                let params: Vec<(&[u8], &[u8])> = inc.params.iter().collect();
+                let input = RequestInput {
+                    params: &params,
+                    body: &inc.body,
+                    vars: &policy.vars,
+                    abort: &inc.abort,
+                };
+                let report = lease.state().handle(&input, &limits);
+                instructions = Some(report.instructions);
+                memory = Some(report.memory as u64);
+                let keep = match &report.result {
+                    Ok(_) if policy.persistent => Retire::Keep,
+                    Err(f) if f.keeps_state() && policy.persistent => Retire::Keep,
+                    _ => Retire::Discard,
+                };
+                shared.pool.checkin(
+                    lease,
+                    keep,
+                    policy.state_max_requests,
+                    policy.state_max_age,
+                );
+                report.result
+            }
+        }
+    };
+    let mut cgi = Vec::with_capacity(256);
+    let (outcome, status, bytes_out, error) = match &result {
+        Ok(resp) => {
+            for msg in &resp.logs {
+                shared.audit.lifecycle(
+                    "script_log",
+                    serde_json::json!({
+                        "request_id": request_id,
+                        "script": script.relative,
+                        "message": truncate(msg),
+                    }),
+                );
+            }
+            render(resp, &shared.defaults, &request_id, head, &mut cgi);
+            (
+                Outcome::Ok,
+                resp.status.unwrap_or(shared.defaults.status),
+                resp.body.len() as u64,
+                None,
+            )
+        }
+        Err(f) => {
+            let outcome = Outcome::of_failure(f);
+            let message = f.to_string();
+            if outcome != Outcome::Aborted {
+                let detail = policy.show_errors.then_some(message.as_str());
+                error_page(outcome.status(), &request_id, detail, None, head, &mut cgi);
+            }
+            (outcome, outcome.status(), 0, Some(message))
+        }
+    };
+    emit(
+        shared,
+        inc,
+        Audit {
+            request_id: &request_id,
+            script: Some(script),
+            status: (outcome != Outcome::Aborted).then_some(status),
+            outcome,
+            instructions,
+            memory,
+            bytes_out: Some(bytes_out),
+            state: state_kind,
+            error: error.as_deref(),
+        },
+    );
+    let mut bytes = Vec::with_capacity(cgi.len() + 64);
+    if outcome == Outcome::Aborted {
+        if let Framing::FastCgi { id } = inc.framing {
+            encode_end_request(id, 1, ProtocolStatus::RequestComplete, &mut bytes);
+        }
+    } else {
+        frame(inc.framing, &cgi, &mut bytes);
+    }
+    let _ = tx.send(Reply {
+        framing: inc.framing,
+        bytes,
+        keep_conn: inc.keep_conn,
+    });
+}

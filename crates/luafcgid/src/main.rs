@@ -1,0 +1,98 @@
+//! The `luafcgid` binary: parses the command line, validates the configuration before any
+//! socket is bound (exit 64 when it is bad), then runs the server until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use luafcgid::cli::{Cli, Command, ServeArgs, EXIT_USAGE};
+use luafcgid::config::RawConfig;
+use luafcgid::server::Server;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LUAFCGID_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let (raw, origin) = match &args.config {
+        Some(path) => match RawConfig::read(path) {
+            Ok(r) => (r, path.display().to_string()),
+            Err(e) => {
+                eprintln!("luafcgid: {e}");
+                return ExitCode::from(EXIT_USAGE as u8);
+            }
+        },
+        None => (RawConfig::default(), "command line".to_string()),
+    };
+    let config = match raw.validate(&origin, &args.overrides()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("luafcgid: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
+    };
+    if args.check {
+        println!("{origin}: ok");
+        return ExitCode::SUCCESS;
+    }
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("luafcgid: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
+    let front_threads = if config.workers >= 4 { 2 } else { 1 };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(front_threads)
+        .thread_name("front")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let server = Server::bind(config).await?;
+        for a in server.local_addrs() {
+            tracing::info!("FastCGI on {a}");
+        }
+        if let Some(h) = server.http_addr() {
+            tracing::info!("HTTP (development) on http://{h}/");
+        }
+        server.run(shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

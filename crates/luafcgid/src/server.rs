@@ -1,0 +1,381 @@
+//! The server: binds the listeners of a validated [`Config`], accepts connections under a
+//! cap, runs the FastCGI front end (and the development HTTP listener) on the async
+//! runtime, the Lua workers on their own threads, a sweeper that notices changed scripts,
+//! and drains on shutdown. [`Server::bind`] then [`Server::run`] can be driven from tests on
+//! `127.0.0.1:0` or a unix socket in a temporary directory.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use luafcgid_policy::Policy;
+use luafcgid_pool::{StatePool, Workers};
+use luafcgid_sandbox::ScriptState;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+
+use crate::audit::AuditLog;
+use crate::config::{Config, ListenAddr};
+use crate::dispatch::Job;
+use crate::render::Defaults;
+use crate::request_id::RequestIds;
+use crate::resolve::{Resolver, Script};
+
+/// Stack of each Lua worker thread (Lua→Rust→Lua recursion needs more than 256 KiB).
+pub const WORKER_STACK: usize = 4 << 20;
+
+/// Half-life of a script's popularity for eviction.
+pub const POPULARITY_HALF_LIFE: Duration = Duration::from_secs(60);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr}: a server is already listening on this socket")]
+    SocketInUse { addr: String },
+    #[error("{addr}: exists and is not a socket")]
+    NotASocket { addr: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What every connection and worker shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub resolver: Resolver,
+    pub pool: StatePool<ScriptState>,
+    pub workers: Workers<Job>,
+    pub audit: AuditLog,
+    pub defaults: Defaults,
+    pub ids: RequestIds,
+    pub limits: fastcgi_protocol::Limits,
+    /// Requests waiting for one of their script's states.
+    pub waiting: AtomicUsize,
+    /// Connections refused at the cap.
+    pub refused_connections: AtomicU64,
+    default_policy: Arc<Policy>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// The effective policy of a script.
+    pub fn policy_for(&self, _script: &Script) -> Arc<Policy> {
+        self.default_policy.clone()
+    }
+
+    /// Whether the server is shutting down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+}
+
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    shared: Arc<Shared>,
+    listeners: Vec<Bound>,
+    http: Option<TcpListener>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listen", &self.local_addrs())
+            .finish()
+    }
+}
+
+fn bind_unix(path: &Path, mode: Option<u32>) -> Result<UnixListener, ServeError> {
+    let addr = path.display().to_string();
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServeError::SocketInUse { addr });
+            }
+            std::fs::remove_file(path).map_err(|source| ServeError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        }
+        Ok(_) => return Err(ServeError::NotASocket { addr }),
+        Err(_) => {}
+    }
+    let l = UnixListener::bind(path).map_err(|source| ServeError::Bind {
+        addr: addr.clone(),
+        source,
+    })?;
+    if let Some(m) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m))
+            .map_err(|source| ServeError::Bind { addr, source })?;
+    }
+    Ok(l)
+}
+
+async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|source| ServeError::Bind {
+        addr: addr.to_string(),
+        source,
+    })?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr).map_err(|source| ServeError::Bind {
+        addr: addr.to_string(),
+        source,
+    })?;
+    socket.listen(1024).map_err(|source| ServeError::Bind {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+impl Server {
+    /// Binds every listener and starts the Lua workers. Must run inside a tokio runtime.
+    pub async fn bind(config: Config) -> Result<Server, ServeError> {
+        let mut listeners = Vec::new();
+        for l in &config.listen {
+            match l {
+                ListenAddr::Tcp(a) => listeners.push(Bound::Tcp(bind_tcp(*a).await?)),
+                ListenAddr::Unix(p) => {
+                    listeners.push(Bound::Unix(bind_unix(p, config.socket_mode)?, p.clone()))
+                }
+            }
+        }
+        let http = match config.http {
+            Some(a) => Some(bind_tcp(a).await?),
+            None => None,
+        };
+        let resolver = Resolver::new(&config.docroots, &config.extensions, config.sweep)?;
+        let audit = AuditLog::open(config.log.as_ref())?;
+        let workers = Workers::start(
+            config.workers,
+            config.queue_max,
+            WORKER_STACK,
+            |job: Job| job.run(),
+        )?;
+        let limits = fastcgi_protocol::Limits {
+            max_params_bytes: config.max_params,
+            max_body_bytes: config.ceiling.body,
+            ..fastcgi_protocol::Limits::default()
+        };
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            pool: StatePool::new(config.states, POPULARITY_HALF_LIFE),
+            defaults: Defaults {
+                status: config.default_status,
+                content_type: config.default_content_type.clone(),
+                headers: config.headers.clone(),
+            },
+            default_policy: Arc::new(config.defaults.clone()),
+            resolver,
+            workers,
+            audit,
+            ids: RequestIds::default(),
+            limits,
+            waiting: AtomicUsize::new(0),
+            refused_connections: AtomicU64::new(0),
+            config,
+            shutdown,
+        });
+        Ok(Server {
+            shared,
+            listeners,
+            http,
+            shutdown_tx,
+        })
+    }
+
+    /// The addresses actually bound (ports resolved).
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match l {
+                Bound::Tcp(t) => t.local_addr().ok().map(ListenAddr::Tcp),
+                Bound::Unix(_, p) => Some(ListenAddr::Unix(p.clone())),
+            })
+            .collect()
+    }
+
+    /// The development HTTP listener's address.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|h| h.local_addr().ok())
+    }
+
+    /// What connections and workers share (for tests and diagnostics).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests
+    /// finish (bounded by `shutdown_timeout`), removes the unix sockets it created and
+    /// stops the workers.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let Server {
+            shared,
+            listeners,
+            http,
+            shutdown_tx,
+        } = self;
+        let connections = Arc::new(Semaphore::new(shared.config.max_connections));
+        let mut accept_tasks = Vec::new();
+        let mut sockets = Vec::new();
+        shared.audit.lifecycle(
+            "start",
+            serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "listen": shared.config.listen.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+                "workers": shared.config.workers,
+                "states": shared.config.states,
+            }),
+        );
+        for l in listeners {
+            let shared = shared.clone();
+            let connections = connections.clone();
+            match l {
+                Bound::Tcp(t) => accept_tasks.push(tokio::spawn(accept_tcp(t, shared, connections))),
+                Bound::Unix(u, p) => {
+                    sockets.push(p);
+                    accept_tasks.push(tokio::spawn(accept_unix(u, shared, connections)))
+                }
+            }
+        }
+        if let Some(h) = http {
+            accept_tasks.push(tokio::spawn(crate::http::accept(
+                h,
+                shared.clone(),
+                connections.clone(),
+            )));
+        }
+        let sweeper = tokio::spawn(sweep(shared.clone()));
+        shutdown.await;
+        for t in &accept_tasks {
+            t.abort();
+        }
+        sweeper.abort();
+        let _ = shutdown_tx.send(true);
+        for p in &sockets {
+            let _ = std::fs::remove_file(p);
+        }
+        // Every connection holds a permit: all of them back means all connections ended.
+        let max = shared.config.max_connections as u32;
+        let _ = tokio::time::timeout(
+            shared.config.shutdown_timeout,
+            connections.acquire_many(max),
+        )
+        .await;
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            s.workers.join();
+            s.audit.lifecycle("stop", serde_json::json!({}));
+            s.audit.close();
+        })
+        .await;
+        Ok(())
+    }
+}
+
+fn allowed(shared: &Shared, ip: IpAddr) -> bool {
+    let allow = &shared.config.allow;
+    if allow.is_empty() {
+        return true;
+    }
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    allow.contains(&ip)
+}
+
+/// Waits a little after an accept error (descriptors exhausted, ...) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+async fn accept_tcp(l: TcpListener, shared: Arc<Shared>, connections: Arc<Semaphore>) {
+    loop {
+        match l.accept().await {
+            Ok((stream, peer)) => {
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    shared
+                        .refused_connections
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    drop(stream);
+                    continue;
+                };
+                if !allowed(&shared, peer.ip()) {
+                    drop(stream);
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    crate::conn::serve(stream, Arc::from(peer.ip().to_string()), shared).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!("accept on {:?}: {e}", l.local_addr().ok());
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn accept_unix(l: UnixListener, shared: Arc<Shared>, connections: Arc<Semaphore>) {
+    let peer: Arc<str> = Arc::from("unix");
+    loop {
+        match l.accept().await {
+            Ok((stream, _)) => {
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    shared
+                        .refused_connections
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    drop(stream);
+                    continue;
+                };
+                let shared = shared.clone();
+                let peer = peer.clone();
+                tokio::spawn(async move {
+                    crate::conn::serve(stream, peer, shared).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!("accept on a unix socket: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn sweep(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.sweep);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = shared.clone();
+        let retired = tokio::task::spawn_blocking(move || s.pool.sweep()).await;
+        for key in retired.unwrap_or_default() {
+            shared.audit.lifecycle(
+                "state_evicted",
+                serde_json::json!({"script": key.to_string_lossy(), "reason": "changed"}),
+            );
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the daemon in-process, spoken to over real sockets.
+
+mod fastcgi;
+mod http;
+mod nginx;
+mod scripts;
+mod support;

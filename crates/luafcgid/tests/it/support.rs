@@ -1,0 +1,365 @@
+//! Test support: a daemon started in-process on `127.0.0.1:0`, a unix socket and an HTTP
+//! port in a temporary document root, and a blocking FastCGI client built on the
+//! workspace's codec.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fastcgi_protocol::client::{
+    decode_reply, encode_begin_request, encode_params, encode_stdin, Reply,
+};
+use fastcgi_protocol::{Status, FLAG_KEEP_CONN, ROLE_RESPONDER};
+use luafcgid::config::{ListenAddr, Overrides, RawConfig};
+use luafcgid::server::Server;
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub tcp: SocketAddr,
+    pub unix: PathBuf,
+    pub http: SocketAddr,
+    pub log: PathBuf,
+    pub shared: std::sync::Arc<luafcgid::server::Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub const HELLO: &str = "s = \"Hello World\"\nfunction handler() return s end\n";
+
+impl Daemon {
+    /// Starts a daemon whose root holds `files`; `config` is extra TOML.
+    pub fn start(config: &str, files: &[(&str, &str)]) -> Daemon {
+        Self::start_with(config, files, |_| {})
+    }
+
+    pub fn start_with(
+        config: &str,
+        files: &[(&str, &str)],
+        tweak: impl FnOnce(&mut Overrides),
+    ) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("www");
+        std::fs::create_dir_all(&root).unwrap();
+        for (name, text) in files {
+            let p = root.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let unix = dir.path().join("fcgi.sock");
+        let log = dir.path().join("audit.jsonl");
+        let raw = RawConfig::parse(config, Path::new("test.toml")).unwrap();
+        let mut o = Overrides {
+            listen: vec!["127.0.0.1:0".into(), unix.display().to_string()],
+            docroot: vec![root.clone()],
+            http: Some("127.0.0.1:0".into()),
+            log: Some(log.clone()),
+            workers: Some(2),
+            ..Overrides::default()
+        };
+        tweak(&mut o);
+        let config = raw.validate("test.toml", &o).unwrap();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let server = Server::bind(config).await.unwrap();
+                addr_tx
+                    .send((server.local_addrs(), server.http_addr(), server.shared()))
+                    .unwrap();
+                server
+                    .run(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        let (addrs, http, shared) = addr_rx.recv().unwrap();
+        let tcp = addrs
+            .iter()
+            .find_map(|a| match a {
+                ListenAddr::Tcp(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap();
+        Daemon {
+            dir,
+            root,
+            tcp,
+            unix,
+            http: http.unwrap(),
+            log,
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub fn script(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(Box::new(TcpStream::connect(self.tcp).unwrap()))
+    }
+
+    pub fn unix_client(&self) -> Client {
+        Client::new(Box::new(UnixStream::connect(&self.unix).unwrap()))
+    }
+
+    /// GET of one script on a fresh TCP connection.
+    pub fn get(&self, rel: &str) -> Response {
+        self.client().get(&self.script(rel))
+    }
+
+    /// Waits (bounded) until `n` states are leased to running requests.
+    pub fn wait_leased(&self, n: usize) {
+        let t = std::time::Instant::now();
+        loop {
+            let s = self.shared.pool.stats();
+            if s.states - s.idle >= n {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "never saw {n} busy states: {s:?}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Stops the daemon and returns the audit log lines, parsed.
+    pub fn stop(&mut self) -> Vec<serde_json::Value> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub trait Stream: Read + Write + Send {
+    fn set_timeout(&self, d: Option<Duration>);
+}
+impl Stream for TcpStream {
+    fn set_timeout(&self, d: Option<Duration>) {
+        self.set_read_timeout(d).unwrap();
+    }
+}
+impl Stream for UnixStream {
+    fn set_timeout(&self, d: Option<Duration>) {
+        self.set_read_timeout(d).unwrap();
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub stdout_records: usize,
+    pub largest_record: usize,
+    pub app_status: u32,
+    pub protocol_status: u8,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Parses CGI output.
+pub fn parse_cgi(out: &[u8]) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let Some(i) = out.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return (0, vec![], out.to_vec());
+    };
+    let head = String::from_utf8_lossy(&out[..i]).into_owned();
+    let mut status = 200;
+    let mut headers = Vec::new();
+    for line in head.split("\r\n") {
+        let (n, v) = line.split_once(':').unwrap();
+        let v = v.trim().to_string();
+        if n.eq_ignore_ascii_case("status") {
+            status = v[..3].parse().unwrap();
+        }
+        headers.push((n.to_string(), v));
+    }
+    (status, headers, out[i + 4..].to_vec())
+}
+
+pub struct Client {
+    pub stream: Box<dyn Stream>,
+    buf: Vec<u8>,
+}
+
+pub fn params_for(script: &str, method: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut p: Vec<(String, String)> = vec![
+        ("SCRIPT_FILENAME".into(), script.into()),
+        ("REQUEST_METHOD".into(), method.into()),
+        ("REQUEST_URI".into(), "/test".into()),
+        ("QUERY_STRING".into(), "".into()),
+        ("REMOTE_ADDR".into(), "127.0.0.1".into()),
+    ];
+    for (k, v) in extra {
+        p.retain(|(n, _)| n != k);
+        p.push((k.to_string(), v.to_string()));
+    }
+    p
+}
+
+impl Client {
+    pub fn new(stream: Box<dyn Stream>) -> Client {
+        stream.set_timeout(Some(Duration::from_secs(20)));
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Encodes a whole request.
+    pub fn encode(id: u16, keep: bool, params: &[(String, String)], body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_begin_request(id, ROLE_RESPONDER, if keep { FLAG_KEEP_CONN } else { 0 }, &mut out);
+        encode_params(
+            id,
+            params.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+            &mut out,
+        );
+        encode_stdin(id, body, &mut out);
+        out
+    }
+
+    pub fn request(&mut self, id: u16, keep: bool, params: &[(String, String)], body: &[u8]) -> Response {
+        let bytes = Self::encode(id, keep, params, body);
+        self.send(&bytes);
+        self.response(id)
+    }
+
+    pub fn get(&mut self, script: &str) -> Response {
+        self.request(1, true, &params_for(script, "GET", &[]), b"")
+    }
+
+    /// Reads one record; None at EOF.
+    pub fn reply(&mut self) -> Option<Reply> {
+        loop {
+            match decode_reply(&self.buf).unwrap() {
+                Status::Complete((used, reply)) => {
+                    self.buf.drain(..used);
+                    return Some(reply);
+                }
+                Status::Partial => {
+                    let mut chunk = [0u8; 65536];
+                    let n = match self.stream.read(&mut chunk) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+                        Err(e) => panic!("read: {e}"),
+                    };
+                    if n == 0 {
+                        return None;
+                    }
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+    }
+
+    /// Reads records until END_REQUEST of `id`; records of other ids are an error.
+    pub fn response(&mut self, id: u16) -> Response {
+        let mut stdout = Vec::new();
+        let mut r = Response::default();
+        loop {
+            match self.reply().expect("connection closed before END_REQUEST") {
+                Reply::Stdout { id: rid, data } => {
+                    assert_eq!(rid, id);
+                    if !data.is_empty() {
+                        r.stdout_records += 1;
+                        r.largest_record = r.largest_record.max(data.len());
+                    }
+                    stdout.extend_from_slice(&data);
+                }
+                Reply::Stderr { .. } => {}
+                Reply::End {
+                    id: rid,
+                    app_status,
+                    status,
+                } => {
+                    assert_eq!(rid, id);
+                    r.app_status = app_status;
+                    r.protocol_status = status;
+                    break;
+                }
+                other => panic!("unexpected record {other:?}"),
+            }
+        }
+        let (status, headers, body) = parse_cgi(&stdout);
+        r.status = status;
+        r.headers = headers;
+        r.body = body;
+        r
+    }
+
+    /// True when the peer closed the connection (EOF or reset) within the read timeout.
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0))
+            || matches!(self.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+    }
+}
+
+/// A raw HTTP/1.1 exchange with the development listener.
+pub fn http_get(addr: SocketAddr, target: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    (status, out)
+}
+
+/// The `request` events of an audit log.
+pub fn requests(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    lines.iter().filter(|l| l["event"] == "request").collect()
+}

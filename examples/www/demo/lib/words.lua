@@ -1,0 +1,3 @@
+local M = {}
+function M.greet(who) return "greetings, " .. who end
+return M
