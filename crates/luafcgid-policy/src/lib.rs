@@ -275,11 +275,12 @@ impl Policy {
             self.entry = Some(e.clone());
         }
         if let Some(r) = &f.rate {
-            let rate = |key: &'static str, v: &Option<String>| -> Result<Option<Rate>, PolicyError> {
-                v.as_deref()
-                    .map(|s| parse_rate(s).map_err(|e| invalid(key, e.to_string())))
-                    .transpose()
-            };
+            let rate =
+                |key: &'static str, v: &Option<String>| -> Result<Option<Rate>, PolicyError> {
+                    v.as_deref()
+                        .map(|s| parse_rate(s).map_err(|e| invalid(key, e.to_string())))
+                        .transpose()
+                };
             if let Some(v) = rate("rate.per_client", &r.per_client)? {
                 self.rate.per_client = Some(v);
             }
@@ -366,13 +367,18 @@ mod presets {
             ("strict", include_str!("../../../policies/strict.toml")),
             ("trusted", include_str!("../../../policies/trusted.toml")),
         ] {
-            let fields: PolicyFields = toml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let fields: PolicyFields =
+                toml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
             let mut p = Policy::default();
             p.apply(&fields).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         let mut p = Policy::default();
         p.apply(&toml::from_str(include_str!("../../../policies/default.toml")).unwrap())
             .unwrap();
-        assert_eq!(p, Policy::default(), "default.toml writes out the built-in defaults");
+        assert_eq!(
+            p,
+            Policy::default(),
+            "default.toml writes out the built-in defaults"
+        );
     }
 }

@@ -46,7 +46,8 @@ pub fn parse_size(text: &str) -> Result<u64, UnitError> {
         "GB" => 1_000_000_000,
         _ => return Err(err(text, "unknown size unit (use B, KiB, MiB, GiB)")),
     };
-    n.checked_mul(mult).ok_or_else(|| err(text, "size too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| err(text, "size too large"))
 }
 
 /// Parses a duration: `"250ms"`, `"2s"`, `"1min"`, `"1h"`; a bare number is milliseconds.

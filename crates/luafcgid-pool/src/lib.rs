@@ -15,6 +15,6 @@
 mod pool;
 mod workers;
 
+pub use luafcgid_sandbox::StateOptions;
 pub use pool::{FileStamp, Lease, PoolStats, Pooled, Retire, ScriptKey, StatePool};
 pub use workers::{SubmitError, Workers};
-pub use luafcgid_sandbox::StateOptions;

@@ -143,7 +143,9 @@ pub struct Lease<S> {
 impl<S> Lease<S> {
     /// The leased state.
     pub fn state(&mut self) -> &mut S {
-        self.state.as_mut().expect("a lease holds its state until checkin")
+        self.state
+            .as_mut()
+            .expect("a lease holds its state until checkin")
     }
 }
 
@@ -154,7 +156,7 @@ pub struct StatePool<S> {
     half_life: Duration,
 }
 
-impl<S> std::fmt::Debug for StatePool<S> {
+impl<S: Pooled> std::fmt::Debug for StatePool<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StatePool")
             .field("cap", &self.cap)
@@ -318,8 +320,17 @@ impl<S: Pooled> StatePool<S> {
     /// Takes a lease back. The state is kept idle when `retire` is `Keep`, its script has
     /// not changed since it was built, and it is younger than `max_age` and has served fewer
     /// than `max_requests` requests (zero: no bound).
-    pub fn checkin(&self, mut lease: Lease<S>, retire: Retire, max_requests: u64, max_age: Duration) {
-        let state = lease.state.take().expect("a lease holds its state until checkin");
+    pub fn checkin(
+        &self,
+        mut lease: Lease<S>,
+        retire: Retire,
+        max_requests: u64,
+        max_age: Duration,
+    ) {
+        let state = lease
+            .state
+            .take()
+            .expect("a lease holds its state until checkin");
         let worn = (max_requests > 0 && state.requests() >= max_requests)
             || (!max_age.is_zero() && lease.created.elapsed() >= max_age);
         let mut inner = self.lock();

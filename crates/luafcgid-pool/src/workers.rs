@@ -29,7 +29,7 @@ pub struct Workers<J> {
     panics: Arc<AtomicUsize>,
 }
 
-impl<J> std::fmt::Debug for Workers<J> {
+impl<J: Send + 'static> std::fmt::Debug for Workers<J> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Workers")
             .field("queued", &self.queued())

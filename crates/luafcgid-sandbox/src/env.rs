@@ -113,7 +113,7 @@ pub(crate) fn new_state(libs: &[&str], budget: &Arc<Budget>) -> mlua::Result<Lua
         })
     })?;
     lua.load(BOOTSTRAP)
-        .set_name("=luafcgid")
+        .set_name("=[luafcgid]")
         .set_mode(mlua::chunk::ChunkMode::Text)
         .call::<()>((check, emit, lua.globals()))?;
 

@@ -76,15 +76,13 @@ pub(crate) fn urldecode(s: &[u8]) -> Vec<u8> {
     while i < s.len() {
         match s[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < s.len() => {
-                match (hex(s[i + 1]), hex(s[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             c => out.push(c),
         }
         i += 1;
@@ -95,12 +93,12 @@ pub(crate) fn urldecode(s: &[u8]) -> Vec<u8> {
 /// Splits a query string into decoded `(key, value)` pairs in order; empty pieces are
 /// skipped and a key without `=` gets the value `""`.
 pub(crate) fn parse_pairs(s: &[u8]) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + '_ {
-    s.split(|&c| c == b'&').filter(|p| !p.is_empty()).map(|piece| {
-        match piece.iter().position(|&c| c == b'=') {
+    s.split(|&c| c == b'&')
+        .filter(|p| !p.is_empty())
+        .map(|piece| match piece.iter().position(|&c| c == b'=') {
             Some(eq) => (urldecode(&piece[..eq]), urldecode(&piece[eq + 1..])),
             None => (urldecode(piece), Vec::new()),
-        }
-    })
+        })
 }
 
 /// `parse(s)`: a key seen once maps to its value, a repeated key to an array of its values in
@@ -193,7 +191,11 @@ pub(crate) fn quote(s: &[u8], out: &mut Vec<u8>) {
             b'"' | b'\\' | b'\n' => out.extend_from_slice(&[b'\\', c]),
             c if c < 0x20 || c == 0x7f => {
                 let next_is_digit = s.get(i + 1).is_some_and(u8::is_ascii_digit);
-                let text = if next_is_digit { format!("\\{c:03}") } else { format!("\\{c}") };
+                let text = if next_is_digit {
+                    format!("\\{c:03}")
+                } else {
+                    format!("\\{c}")
+                };
                 out.extend_from_slice(text.as_bytes());
             }
             c => out.push(c),
@@ -251,7 +253,9 @@ fn write_table(
         return Err(fail("cycle in table"));
     }
     if path.len() >= MAX_SERIALIZE_DEPTH {
-        return Err(fail(&format!("tables nested deeper than {MAX_SERIALIZE_DEPTH}")));
+        return Err(fail(&format!(
+            "tables nested deeper than {MAX_SERIALIZE_DEPTH}"
+        )));
     }
     path.push(ptr);
     out.push(b'{');
@@ -337,10 +341,21 @@ mod tests {
     #[test]
     fn floats() {
         let mut out = Vec::new();
-        for n in [1.0, 0.1, -0.0, 1e300, f64::INFINITY, f64::NEG_INFINITY, f64::NAN] {
+        for n in [
+            1.0,
+            0.1,
+            -0.0,
+            1e300,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ] {
             write_float(n, &mut out);
             out.push(b' ');
         }
-        assert_eq!(String::from_utf8(out).unwrap(), "1.0 0.1 -0.0 1e300 1/0 -1/0 0/0 ");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "1.0 0.1 -0.0 1e300 1/0 -1/0 0/0 "
+        );
     }
 }

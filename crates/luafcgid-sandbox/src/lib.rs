@@ -34,9 +34,15 @@ pub use state::ScriptState;
 pub use status::status_reason;
 
 /// How many VM instructions run between two calls of the count hook. Instruction budgets are
-/// counted at this granularity, and the wall-clock deadline and the abort flag are checked
-/// this often (plus whenever a limit-aware wrapper such as `pcall` returns).
-pub const HOOK_PERIOD: u32 = 1000;
+/// counted at this granularity, and the wall-clock deadline is checked this often (the abort
+/// flag at most once a millisecond).
+///
+/// Measured on the project's 2-core machine (release build, a tight arithmetic loop): no hook
+/// 1.6 ns per instruction, period 1000 2.9 ns, period 250 3.0 ns, period 100 3.5 ns. Setting
+/// any count hook costs most of that (Lua takes its slow path for every instruction); 250
+/// instead of 1000 costs ~5% more and makes the deadline four times tighter when a script
+/// runs many medium-sized C calls (each ~10 instructions apart).
+pub const HOOK_PERIOD: u32 = 250;
 
 /// Limits for one run of Lua code: a request, or the first run of a script's chunk.
 ///
@@ -142,6 +148,17 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
+    /// The audit log's `outcome` for this limit: `limit_cpu`, `limit_time`, `limit_memory`,
+    /// `limit_output`.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            LimitKind::Instructions => "limit_cpu",
+            LimitKind::Time => "limit_time",
+            LimitKind::Memory => "limit_memory",
+            LimitKind::Output => "limit_output",
+        }
+    }
+
     /// A short lowercase name: `instructions`, `time`, `memory`, `output`.
     pub fn as_str(self) -> &'static str {
         match self {

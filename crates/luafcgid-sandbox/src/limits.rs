@@ -127,7 +127,8 @@ impl Budget {
         self.counted.store(0, Relaxed);
         self.instructions.store(instructions, Relaxed);
         self.deadline.store(deadline, Relaxed);
-        self.next_probe.store(now + PROBE_INTERVAL.as_nanos() as u64, Relaxed);
+        self.next_probe
+            .store(now + PROBE_INTERVAL.as_nanos() as u64, Relaxed);
         self.tripped.store(0, Relaxed);
         self.peak.store(memory_now, Relaxed);
     }

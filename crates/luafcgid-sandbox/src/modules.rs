@@ -104,11 +104,13 @@ pub(crate) fn source_text(mut src: Vec<u8>) -> Result<Vec<u8>, &'static str> {
     if src.starts_with(b"\xEF\xBB\xBF") {
         src.drain(..3);
     }
+    let mut code_start = 0;
     if src.first() == Some(&b'#') {
         let end = src.iter().position(|&c| c == b'\n').unwrap_or(src.len());
         src.drain(..end);
+        code_start = 1;
     }
-    if src.first() == Some(&0x1b) {
+    if src.get(code_start) == Some(&0x1b) {
         return Err("precompiled Lua bytecode is refused; only Lua source is loaded");
     }
     Ok(src)
@@ -190,8 +192,22 @@ mod tests {
     #[test]
     fn module_names() {
         assert_eq!(module_file("a.b").unwrap(), PathBuf::from("a/b.lua"));
-        assert_eq!(module_file("lib-x_1").unwrap(), PathBuf::from("lib-x_1.lua"));
-        for bad in ["", "..", "a..b", ".a", "a.", "/etc/passwd", "a/b", "a b", "é", "a\0"] {
+        assert_eq!(
+            module_file("lib-x_1").unwrap(),
+            PathBuf::from("lib-x_1.lua")
+        );
+        for bad in [
+            "",
+            "..",
+            "a..b",
+            ".a",
+            "a.",
+            "/etc/passwd",
+            "a/b",
+            "a b",
+            "é",
+            "a\0",
+        ] {
             assert!(module_file(bad).is_err(), "{bad:?} accepted");
         }
     }

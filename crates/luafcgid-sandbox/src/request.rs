@@ -170,7 +170,10 @@ impl Ctx {
 }
 
 /// Runs `f` with the state's [`Ctx`].
-pub(crate) fn with_ctx<R>(lua: &Lua, f: impl FnOnce(&mut Ctx) -> mlua::Result<R>) -> mlua::Result<R> {
+pub(crate) fn with_ctx<R>(
+    lua: &Lua,
+    f: impl FnOnce(&mut Ctx) -> mlua::Result<R>,
+) -> mlua::Result<R> {
     let mut ctx = lua
         .try_app_data_mut::<Ctx>()
         .map_err(|_| Error::runtime("internal error: request context busy"))?
@@ -283,9 +286,7 @@ fn header_name(name: &[u8]) -> mlua::Result<&str> {
 
 fn header_value(value: &[u8]) -> mlua::Result<&str> {
     if value.iter().any(|c| matches!(c, b'\r' | b'\n' | 0)) {
-        return Err(Error::runtime(
-            "r:header: CR, LF or NUL in a header value",
-        ));
+        return Err(Error::runtime("r:header: CR, LF or NUL in a header value"));
     }
     std::str::from_utf8(value)
         .map_err(|_| Error::runtime("r:header: header value is not valid UTF-8"))
@@ -294,7 +295,10 @@ fn header_value(value: &[u8]) -> mlua::Result<&str> {
 /// The code of a `Status` header value: its leading three digits, 100 to 599.
 fn parse_status_value(value: &str) -> mlua::Result<u16> {
     let value = value.trim_start();
-    let digits = value.as_bytes().get(..3).filter(|d| d.iter().all(u8::is_ascii_digit));
+    let digits = value
+        .as_bytes()
+        .get(..3)
+        .filter(|d| d.iter().all(u8::is_ascii_digit));
     let followed_ok = value.as_bytes().get(3).is_none_or(|c| !c.is_ascii_digit());
     match digits {
         Some(d) if followed_ok => {
@@ -318,8 +322,14 @@ fn check_status(code: i64) -> mlua::Result<u16> {
 }
 
 fn trim_ows(s: &[u8]) -> &[u8] {
-    let start = s.iter().position(|c| !matches!(c, b' ' | b'\t')).unwrap_or(s.len());
-    let end = s.iter().rposition(|c| !matches!(c, b' ' | b'\t')).map_or(start, |e| e + 1);
+    let start = s
+        .iter()
+        .position(|c| !matches!(c, b' ' | b'\t'))
+        .unwrap_or(s.len());
+    let end = s
+        .iter()
+        .rposition(|c| !matches!(c, b' ' | b'\t'))
+        .map_or(start, |e| e + 1);
     &s[start..end.max(start)]
 }
 
@@ -393,7 +403,9 @@ impl UserData for RequestObject {
                 Ok(())
             })
         });
-        methods.add_method("flush", |lua, _, ()| with_ctx(lua, |ctx| ctx.budget.check()));
+        methods.add_method("flush", |lua, _, ()| {
+            with_ctx(lua, |ctx| ctx.budget.check())
+        });
         methods.add_method("log", |lua, _, message: Value| {
             let message = text_arg(lua, &message, "r:log")?;
             with_ctx(lua, |ctx| {
@@ -447,7 +459,11 @@ mod tests {
         }
         assert_eq!(ctx.response.logs.len(), MAX_LOG_MESSAGES);
         assert_eq!(ctx.response.logs_dropped, 5);
-        assert!(ctx.response.logs.iter().all(|m| m.len() == MAX_LOG_MESSAGE_BYTES));
+        assert!(ctx
+            .response
+            .logs
+            .iter()
+            .all(|m| m.len() == MAX_LOG_MESSAGE_BYTES));
         let mut ctx = Ctx::new(Arc::new(Budget::new()));
         // A 2-byte character cut in half becomes a replacement character, still within bounds.
         let mut msg = vec![b'a'; MAX_LOG_MESSAGE_BYTES - 1];

@@ -92,8 +92,8 @@ impl ScriptState {
         let lua = new_state(DEFAULT_LIBS, &budget)?;
         lua.set_app_data(Ctx::new(Arc::clone(&budget)));
         lua.set_app_data(AbortProbe::default());
-        let root = std::fs::canonicalize(&opts.module_root)
-            .unwrap_or_else(|_| opts.module_root.clone());
+        let root =
+            std::fs::canonicalize(&opts.module_root).unwrap_or_else(|_| opts.module_root.clone());
         let script_dir = opts
             .script
             .parent()
@@ -119,12 +119,18 @@ impl ScriptState {
         })
     }
 
-    fn run_init(&mut self, opts: &StateOptions, src: &[u8], abort: &AtomicBool) -> Result<(), Failure> {
+    fn run_init(
+        &mut self,
+        opts: &StateOptions,
+        src: &[u8],
+        abort: &AtomicBool,
+    ) -> Result<(), Failure> {
         let lua = &self.lua;
         self.budget.arm(&opts.init, lua.used_memory());
         self.begin(opts.init.output, false);
         let result = lua.scope(|scope| {
-            let probe = scope.create_function(move |_, _: mlua::MultiValue| Ok(abort.load(Relaxed)))?;
+            let probe =
+                scope.create_function(move |_, _: mlua::MultiValue| Ok(abort.load(Relaxed)))?;
             set_probe(lua, Some(probe));
             let chunk = lua
                 .load(src)
@@ -138,9 +144,8 @@ impl ScriptState {
     }
 
     fn find_entry(&mut self, opts: &StateOptions) -> Result<(), Failure> {
-        let is_function = |name: &str| {
-            matches!(self.globals.raw_get::<Value>(name), Ok(Value::Function(_)))
-        };
+        let is_function =
+            |name: &str| matches!(self.globals.raw_get::<Value>(name), Ok(Value::Function(_)));
         let (name, form) = match &opts.entry {
             Some(name) if name == "main" => (name.clone(), EntryForm::Main),
             Some(name) => (name.clone(), EntryForm::Handler),
@@ -149,7 +154,10 @@ impl ScriptState {
         };
         if !is_function(&name) {
             let message = match &opts.entry {
-                Some(_) => format!("{}: entry function '{name}' is not defined", opts.chunk_name),
+                Some(_) => format!(
+                    "{}: entry function '{name}' is not defined",
+                    opts.chunk_name
+                ),
                 None => format!(
                     "{}: the script defines neither main(env, con) nor handler(r)",
                     opts.chunk_name
@@ -157,10 +165,9 @@ impl ScriptState {
             };
             return Err(Failure::Script { message });
         }
-        self.entry_key = self
-            .lua
-            .create_string(&name)
-            .map_err(|e| Failure::Script { message: e.to_string() })?;
+        self.entry_key = self.lua.create_string(&name).map_err(|e| Failure::Script {
+            message: e.to_string(),
+        })?;
         self.entry_name = name;
         self.entry_form = form;
         Ok(())
@@ -181,11 +188,17 @@ impl ScriptState {
         let lua = &self.lua;
         self.budget.arm(limits, lua.used_memory());
         self.begin(limits.output, true);
-        let (globals, key, form, name) = (&self.globals, &self.entry_key, self.entry_form, &self.entry_name);
+        let (globals, key, form, name) = (
+            &self.globals,
+            &self.entry_key,
+            self.entry_form,
+            &self.entry_name,
+        );
         let result = lua.scope(|scope| {
-            let input = scope.create_function(move |lua, (op, name): (u8, Option<mlua::LuaString>)| {
-                input(lua, req, op, name)
-            })?;
+            let input =
+                scope.create_function(move |lua, (op, name): (u8, Option<mlua::LuaString>)| {
+                    input(lua, req, op, name)
+                })?;
             set_probe(lua, Some(input.clone()));
             with_ctx(lua, |ctx| {
                 ctx.input = Some(input);
@@ -265,7 +278,11 @@ impl ScriptState {
         let stop = match (stop, &err) {
             (Some(stop), _) => stop,
             (None, Some(e)) if is_memory_error(e) => Stop::Limit(LimitKind::Memory),
-            (None, Some(e)) => return Err(Failure::Script { message: script_message(e) }),
+            (None, Some(e)) => {
+                return Err(Failure::Script {
+                    message: script_message(e),
+                })
+            }
             (None, None) => unreachable!("an Ok result without a stop returned above"),
         };
         let kind = match stop {
@@ -273,10 +290,9 @@ impl ScriptState {
             Stop::Limit(kind) => kind,
         };
         let mut message = match kind {
-            LimitKind::Instructions => format!(
-                "instruction budget of {} spent",
-                limits.instructions
-            ),
+            LimitKind::Instructions => {
+                format!("instruction budget of {} spent", limits.instructions)
+            }
             LimitKind::Time => format!("time limit of {} ms exceeded", limits.timeout.as_millis()),
             LimitKind::Memory => format!("memory limit of {} bytes reached", self.memory_limit),
             LimitKind::Output => format!("output limit of {} bytes exceeded", limits.output),
@@ -341,7 +357,11 @@ fn script_message(e: &Error) -> String {
         Error::CallbackError { cause, traceback } => {
             let mut cause = cause;
             let mut traceback = traceback;
-            while let Error::CallbackError { cause: inner, traceback: inner_tb } = &**cause {
+            while let Error::CallbackError {
+                cause: inner,
+                traceback: inner_tb,
+            } = &**cause
+            {
                 cause = inner;
                 traceback = inner_tb;
             }
@@ -367,9 +387,7 @@ fn traceback_of(e: &Error) -> Option<&str> {
         Error::CallbackError { cause, traceback } => {
             traceback_of(cause).or(Some(traceback.as_str()).filter(|t| !t.is_empty()))
         }
-        Error::RuntimeError(message) => message
-            .find("stack traceback:")
-            .map(|i| &message[i..]),
+        Error::RuntimeError(message) => message.find("stack traceback:").map(|i| &message[i..]),
         _ => None,
     }
 }

@@ -29,7 +29,9 @@ pub struct AuditLog {
 
 /// RFC 3339 UTC time with microseconds.
 pub fn timestamp() -> String {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = d.as_secs() as i64;
     let micros = d.subsec_micros();
     let days = secs.div_euclid(86_400);

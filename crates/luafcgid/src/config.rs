@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use luafcgid_policy::{parse_duration, parse_rate, parse_size, Policy, PolicyFields, Rate};
+use luafcgid_policy::{parse_rate, parse_size, Policy, PolicyFields, Rate};
 use serde::Deserialize;
 
 /// Why a configuration was refused.
@@ -274,7 +274,10 @@ impl RawConfig {
             self.docroot.unwrap_or_default()
         };
         if docroot_list.is_empty() {
-            return Err(e("docroot", "at least one document root is required".into()));
+            return Err(e(
+                "docroot",
+                "at least one document root is required".into(),
+            ));
         }
         let mut docroots = Vec::new();
         for d in docroot_list {
@@ -312,7 +315,10 @@ impl RawConfig {
         if states == 0 {
             return Err(e("states", "must be at least 1".into()));
         }
-        let size = |key: &str, v: Option<luafcgid_policy::SizeValue>, d: u64| -> Result<u64, ConfigError> {
+        let size = |key: &str,
+                    v: Option<luafcgid_policy::SizeValue>,
+                    d: u64|
+         -> Result<u64, ConfigError> {
             match v {
                 None => Ok(d),
                 Some(luafcgid_policy::SizeValue::Bytes(n)) => Ok(n),
@@ -372,13 +378,13 @@ impl RawConfig {
         let client_key = self.client_key.unwrap_or_else(|| "REMOTE_ADDR".into());
         let mut ceiling = builtin_ceiling();
         if let Some(c) = &self.ceiling {
-            ceiling
-                .apply(c)
-                .map_err(|m| e("ceiling", m.to_string()))?;
+            ceiling.apply(c).map_err(|m| e("ceiling", m.to_string()))?;
         }
         let mut defaults = Policy::default();
         if let Some(d) = &self.defaults {
-            defaults.apply(d).map_err(|m| e("defaults", m.to_string()))?;
+            defaults
+                .apply(d)
+                .map_err(|m| e("defaults", m.to_string()))?;
         }
         if let Some(c) = o.clones {
             if !(1..=1024).contains(&c) {
@@ -422,12 +428,22 @@ impl RawConfig {
 
 /// Checks that `p` grants no more than `ceiling`; names the first key over it.
 pub fn check_ceiling(p: &Policy, c: &Policy) -> Result<(), (&'static str, String)> {
-    let over = |k: &'static str, v: String, max: String| Err((k, format!("{v} is above the ceiling {max}")));
+    let over = |k: &'static str, v: String, max: String| {
+        Err((k, format!("{v} is above the ceiling {max}")))
+    };
     if p.timeout > c.timeout {
-        return over("timeout_ms", format!("{:?}", p.timeout), format!("{:?}", c.timeout));
+        return over(
+            "timeout_ms",
+            format!("{:?}", p.timeout),
+            format!("{:?}", c.timeout),
+        );
     }
     if p.instructions > c.instructions {
-        return over("instructions", p.instructions.to_string(), c.instructions.to_string());
+        return over(
+            "instructions",
+            p.instructions.to_string(),
+            c.instructions.to_string(),
+        );
     }
     if p.memory > c.memory {
         return over("memory", p.memory.to_string(), c.memory.to_string());
@@ -439,10 +455,18 @@ pub fn check_ceiling(p: &Policy, c: &Policy) -> Result<(), (&'static str, String
         return over("body", p.body.to_string(), c.body.to_string());
     }
     if p.init_timeout > c.init_timeout {
-        return over("init_timeout_ms", format!("{:?}", p.init_timeout), format!("{:?}", c.init_timeout));
+        return over(
+            "init_timeout_ms",
+            format!("{:?}", p.init_timeout),
+            format!("{:?}", c.init_timeout),
+        );
     }
     if p.init_instructions > c.init_instructions {
-        return over("init_instructions", p.init_instructions.to_string(), c.init_instructions.to_string());
+        return over(
+            "init_instructions",
+            p.init_instructions.to_string(),
+            c.init_instructions.to_string(),
+        );
     }
     if p.clones > c.clones {
         return over("clones", p.clones.to_string(), c.clones.to_string());
@@ -545,6 +569,9 @@ mod tests {
             assert!(raw.validate("c.toml", &overrides()).is_err(), "{bad}");
         }
         let raw = RawConfig::default();
-        assert!(raw.validate("c", &Overrides::default()).is_err(), "no docroot");
+        assert!(
+            raw.validate("c", &Overrides::default()).is_err(),
+            "no docroot"
+        );
     }
 }

@@ -37,8 +37,8 @@ pub const MPXS_CONNS: bool = true;
 
 fn get_values(shared: &Shared, names: &[Vec<u8>], out: &mut Vec<u8>) {
     let max_conns = shared.config.max_connections.to_string();
-    let max_reqs = (shared.config.max_connections * shared.limits.max_requests_per_connection)
-        .to_string();
+    let max_reqs =
+        (shared.config.max_connections * shared.limits.max_requests_per_connection).to_string();
     let mut pairs: Vec<(&[u8], &[u8])> = Vec::new();
     for n in names {
         match n.as_slice() {
@@ -80,9 +80,9 @@ where
                     let Some(event) = event else { continue };
                     match event {
                         Event::ParamsComplete { id } => {
-                            let answer = shared
-                                .resolver
-                                .resolve(decoder.params(id).and_then(|p| p.get(b"SCRIPT_FILENAME")));
+                            let answer = shared.resolver.resolve(
+                                decoder.params(id).and_then(|p| p.get(b"SCRIPT_FILENAME")),
+                            );
                             let limit = match &answer {
                                 Ok(script) => shared.policy_for(script).body,
                                 Err(_) => 0,
@@ -102,7 +102,9 @@ where
                             );
                             let answer = resolved.remove(&id);
                             let (params, answer) = match req.params {
-                                Ok(p) => (p, answer.unwrap_or(Err(Refusal::BadRequest("no params")))),
+                                Ok(p) => {
+                                    (p, answer.unwrap_or(Err(Refusal::BadRequest("no params"))))
+                                }
                                 Err(_) => (
                                     fastcgi_protocol::Params::decode(Vec::new())
                                         .expect("no pairs is a valid params stream"),
@@ -120,7 +122,16 @@ where
                                 abort,
                                 received: Instant::now(),
                             };
-                            dispatch(&shared, inc, answer, tx.clone());
+                            if let Some(reply) = dispatch(&shared, inc, answer, &tx) {
+                                if let Framing::FastCgi { id } = reply.framing {
+                                    in_flight.remove(&id);
+                                    decoder.finish(id);
+                                }
+                                out.extend_from_slice(&reply.bytes);
+                                if !reply.keep_conn {
+                                    closing = true;
+                                }
+                            }
                         }
                         Event::Abort { id } => {
                             if let Some(f) = in_flight.get(&id) {
@@ -154,11 +165,18 @@ where
         if start > 0 {
             inbuf.drain(..start);
         }
-        if !out.is_empty() && write_out(&mut stream, &mut out, config.read_timeout).await.is_err() {
+        if !out.is_empty()
+            && write_out(&mut stream, &mut out, config.read_timeout)
+                .await
+                .is_err()
+        {
             break 'conn;
         }
         if closing && in_flight.is_empty() {
             break;
+        }
+        if closing {
+            // Stop reading; wait for the replies still due.
         }
         let assembling = decoder.assembling();
         let deadline = if assembling {

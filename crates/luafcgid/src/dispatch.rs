@@ -1,8 +1,15 @@
 //! From an assembled request to its reply: the checks that answer before Lua runs
-//! (bad request, not found, forbidden, body too large), admission (a bounded wait for one of
-//! the script's `clones`, then the bounded worker queue; beyond either, 503 `shed`), and the
-//! job a Lua worker runs: check a state out, run the entry function under the policy's
-//! limits, check the state back in, render, audit, reply.
+//! (bad request, not found, forbidden, body too large), admission, and the run itself:
+//! check a state out, run the entry function under the policy's limits, check the state back
+//! in, render, audit.
+//!
+//! Admission takes two permits: one of the script's `clones` and one of the `workers` Lua
+//! slots. When both are free at once the request runs right away on the calling thread (the
+//! common, fast path: no hand-off between threads). Otherwise a small task waits for them at
+//! most `queue_timeout`, with at most `queue_max` requests waiting in all, and answers 503
+//! `shed` beyond either. The runtime has one thread more than there are Lua slots, so
+//! however many requests are in Lua, a thread is always left to accept connections, answer
+//! management records and reject requests.
 //!
 //! Both front ends (FastCGI and the development HTTP listener) come through here, so every
 //! request gets exactly one reply and one audit line, whatever happens to it.
@@ -73,7 +80,8 @@ struct Audit<'a> {
 }
 
 fn param_str<'a>(p: &'a Params, name: &str) -> Option<&'a str> {
-    p.get(name.as_bytes()).and_then(|v| std::str::from_utf8(v).ok())
+    p.get(name.as_bytes())
+        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
@@ -120,12 +128,18 @@ pub fn answer_early(
     outcome: Outcome,
     retry_after: Option<u64>,
     detail: Option<&str>,
-    tx: &ReplyTx,
-) {
+) -> Reply {
     let request_id = shared.ids.next_id();
     let status = outcome.status();
     let mut cgi = Vec::with_capacity(512);
-    error_page(status, &request_id, None, retry_after, is_head(&inc.params), &mut cgi);
+    error_page(
+        status,
+        &request_id,
+        None,
+        retry_after,
+        is_head(&inc.params),
+        &mut cgi,
+    );
     let mut bytes = Vec::with_capacity(cgi.len() + 64);
     frame(inc.framing, &cgi, &mut bytes);
     emit(
@@ -143,23 +157,25 @@ pub fn answer_early(
             error: detail,
         },
     );
-    let _ = tx.send(Reply {
+    Reply {
         framing: inc.framing,
         bytes,
         keep_conn: inc.keep_conn,
-    });
+    }
 }
 
 /// Seconds a shed client should wait before retrying.
 const SHED_RETRY_AFTER: u64 = 1;
 
-/// Runs a request: answers it early when it cannot run, else admits it to a worker.
+/// Runs a request: answers it early when it cannot run, runs it at once on this thread
+/// when a state and a Lua slot are free, else queues it. Returns the reply when it is
+/// ready now; a queued request's reply arrives later on `tx`.
 pub fn dispatch(
     shared: &Arc<Shared>,
     inc: Incoming,
     resolved: Result<Arc<Script>, Refusal>,
-    tx: ReplyTx,
-) {
+    tx: &ReplyTx,
+) -> Option<Reply> {
     let script = match resolved {
         Ok(s) => s,
         Err(refusal) => {
@@ -168,109 +184,67 @@ pub fn dispatch(
                 Refusal::NotFound => (Outcome::NotFound, "no such script"),
                 Refusal::Forbidden(w) => (Outcome::Forbidden, w),
             };
-            return answer_early(shared, &inc, None, outcome, None, Some(why), &tx);
+            return Some(answer_early(shared, &inc, None, outcome, None, Some(why)));
         }
     };
     let policy = shared.policy_for(&script);
     if inc.body_exceeded || inc.body_len > policy.body {
-        return answer_early(
+        return Some(answer_early(
             shared,
             &inc,
             Some(&script),
             Outcome::BodyTooLarge,
             None,
             Some("request body over the limit"),
-            &tx,
-        );
+        ));
     }
     let admission = shared.pool.admission(&script.key, policy.clones);
-    match admission.clone().try_acquire_owned() {
-        Ok(permit) => submit(shared, inc, script, policy, permit, tx),
-        Err(_) => {
-            if shared.waiting.load(Ordering::Relaxed) >= shared.config.queue_max {
-                return answer_early(
-                    shared,
-                    &inc,
-                    Some(&script),
-                    Outcome::Shed,
-                    Some(SHED_RETRY_AFTER),
-                    Some("too many requests waiting"),
-                    &tx,
-                );
-            }
-            shared.waiting.fetch_add(1, Ordering::Relaxed);
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let waited =
-                    tokio::time::timeout(shared.config.queue_timeout, admission.acquire_owned())
-                        .await;
-                shared.waiting.fetch_sub(1, Ordering::Relaxed);
-                match waited {
-                    Ok(Ok(permit)) if !inc.abort.load(Ordering::Relaxed) => {
-                        submit(&shared, inc, script, policy, permit, tx)
-                    }
-                    Ok(Ok(_)) => {}
-                    _ => answer_early(
-                        &shared,
-                        &inc,
-                        Some(&script),
-                        Outcome::Shed,
-                        Some(SHED_RETRY_AFTER),
-                        Some("waited too long for a state"),
-                        &tx,
-                    ),
-                }
-            });
+    if let Ok(clone) = admission.clone().try_acquire_owned() {
+        if let Ok(slot) = shared.lua_slots.clone().try_acquire_owned() {
+            let reply = run(shared, &inc, &script, &policy);
+            drop((slot, clone));
+            return Some(reply);
         }
     }
-}
-
-/// A request admitted to the Lua workers.
-#[derive(Debug)]
-pub struct Job {
-    shared: Arc<Shared>,
-    inc: Incoming,
-    script: Arc<Script>,
-    policy: Arc<Policy>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-    tx: ReplyTx,
-}
-
-impl Job {
-    /// Runs the job on the calling (worker) thread.
-    pub fn run(self) {
-        run(&self.shared, &self.inc, &self.script, &self.policy, &self.tx);
-        drop(self.permit);
-    }
-}
-
-fn submit(
-    shared: &Arc<Shared>,
-    inc: Incoming,
-    script: Arc<Script>,
-    policy: Arc<Policy>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-    tx: ReplyTx,
-) {
-    let job = Job {
-        shared: shared.clone(),
-        inc,
-        script,
-        policy,
-        permit,
-        tx,
-    };
-    if let Err((_, job)) = shared.workers.submit(job) {
-        answer_early(
+    if shared.waiting.fetch_add(1, Ordering::Relaxed) >= shared.config.queue_max {
+        shared.waiting.fetch_sub(1, Ordering::Relaxed);
+        return Some(answer_early(
             shared,
-            &job.inc,
-            Some(&job.script),
+            &inc,
+            Some(&script),
             Outcome::Shed,
             Some(SHED_RETRY_AFTER),
-            Some("the worker queue is full"),
-            &job.tx,
-        );
+            Some("too many requests waiting"),
+        ));
     }
+    let shared = shared.clone();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let permits = tokio::time::timeout(shared.config.queue_timeout, async {
+            let clone = admission.acquire_owned().await.ok()?;
+            let slot = shared.lua_slots.clone().acquire_owned().await.ok()?;
+            Some((clone, slot))
+        })
+        .await;
+        shared.waiting.fetch_sub(1, Ordering::Relaxed);
+        let reply = match permits {
+            Ok(Some(permits)) => {
+                let reply = run(&shared, &inc, &script, &policy);
+                drop(permits);
+                reply
+            }
+            _ => answer_early(
+                &shared,
+                &inc,
+                Some(&script),
+                Outcome::Shed,
+                Some(SHED_RETRY_AFTER),
+                Some("waited too long for a state"),
+            ),
+        };
+        let _ = tx.send(reply);
+    });
+    None
 }
 
 /// Builds the sandbox options of a script under a policy.
@@ -290,7 +264,7 @@ pub fn state_options(script: &Script, policy: &Policy) -> StateOptions {
     }
 }
 
-fn run(shared: &Shared, inc: &Incoming, script: &Script, policy: &Policy, tx: &ReplyTx) {
+fn run(shared: &Shared, inc: &Incoming, script: &Script, policy: &Policy) -> Reply {
     let request_id = shared.ids.next_id();
     let head = is_head(&inc.params);
     let limits = Limits {
@@ -332,12 +306,9 @@ fn run(shared: &Shared, inc: &Incoming, script: &Script, policy: &Policy, tx: &R
                     Err(f) if f.keeps_state() && policy.persistent => Retire::Keep,
                     _ => Retire::Discard,
                 };
-                shared.pool.checkin(
-                    lease,
-                    keep,
-                    policy.state_max_requests,
-                    policy.state_max_age,
-                );
+                shared
+                    .pool
+                    .checkin(lease, keep, policy.state_max_requests, policy.state_max_age);
                 report.result
             }
         }
@@ -396,9 +367,9 @@ fn run(shared: &Shared, inc: &Incoming, script: &Script, policy: &Policy, tx: &R
     } else {
         frame(inc.framing, &cgi, &mut bytes);
     }
-    let _ = tx.send(Reply {
+    Reply {
         framing: inc.framing,
         bytes,
         keep_conn: inc.keep_conn,
-    });
+    }
 }

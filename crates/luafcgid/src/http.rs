@@ -93,7 +93,10 @@ async fn serve(
         for h in req.headers.iter() {
             let name = h.name.to_ascii_uppercase().replace('-', "_");
             if name == "CONTENT_LENGTH" {
-                match std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()) {
+                match std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                {
                     Some(n) => content_length = n,
                     None => return simple(&mut stream, "400 Bad Request").await,
                 }
@@ -142,7 +145,10 @@ async fn serve(
         let mut raw = Vec::with_capacity(1024);
         let fixed: [(&str, String); 14] = [
             ("GATEWAY_INTERFACE", "CGI/1.1".into()),
-            ("SERVER_SOFTWARE", concat!("luafcgid/", env!("CARGO_PKG_VERSION")).into()),
+            (
+                "SERVER_SOFTWARE",
+                concat!("luafcgid/", env!("CARGO_PKG_VERSION")).into(),
+            ),
             ("SERVER_PROTOCOL", format!("HTTP/1.{version}")),
             ("REQUEST_METHOD", method.clone()),
             ("REQUEST_URI", target.clone()),
@@ -179,8 +185,10 @@ async fn serve(
             abort: abort.clone(),
             received,
         };
-        dispatch(&shared, inc, script, tx);
-        let reply = tokio::select! {
+        let reply = if let Some(reply) = dispatch(&shared, inc, script, &tx) {
+            Some(reply)
+        } else {
+            tokio::select! {
             r = rx.recv() => r,
             _ = stream.readable() => {
                 // The client sent more or closed while we worked; for a closed peer stop Lua.
@@ -193,6 +201,7 @@ async fn serve(
                     Ok(_) => { buf.push(probe[0]); rx.recv().await }
                     Err(_) => rx.recv().await,
                 }
+            }
             }
         };
         let Some(reply) = reply else { return Ok(()) };

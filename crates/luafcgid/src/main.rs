@@ -62,10 +62,10 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
-    let front_threads = if config.workers >= 4 { 2 } else { 1 };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(front_threads)
-        .thread_name("front")
+        .worker_threads(luafcgid::server::runtime_threads(config.workers))
+        .thread_stack_size(luafcgid::server::THREAD_STACK)
+        .thread_name("luafcgid")
         .enable_all()
         .build()
         .context("starting the runtime")?;

@@ -80,7 +80,11 @@ pub fn strip_proxy_prefix(name: &[u8]) -> &[u8] {
 
 impl Resolver {
     /// A resolver over `docroots` (each must exist).
-    pub fn new(docroots: &[PathBuf], extensions: &[String], ttl: Duration) -> std::io::Result<Self> {
+    pub fn new(
+        docroots: &[PathBuf],
+        extensions: &[String],
+        ttl: Duration,
+    ) -> std::io::Result<Self> {
         let mut roots = Vec::new();
         for d in docroots {
             roots.push(Root {
@@ -138,9 +142,9 @@ impl Resolver {
 
     fn has_extension(&self, p: &Path) -> bool {
         let name = p.file_name().map(|n| n.as_bytes()).unwrap_or(b"");
-        self.extensions.iter().any(|x| {
-            name.len() > x.len() && name.ends_with(x.as_bytes())
-        })
+        self.extensions
+            .iter()
+            .any(|x| name.len() > x.len() && name.ends_with(x.as_bytes()))
     }
 
     fn resolve_uncached(&self, claimed: &Path) -> Answer {

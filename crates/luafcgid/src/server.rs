@@ -1,7 +1,7 @@
 //! The server: binds the listeners of a validated [`Config`], accepts connections under a
 //! cap, runs the FastCGI front end (and the development HTTP listener) on the async
-//! runtime, the Lua workers on their own threads, a sweeper that notices changed scripts,
-//! and drains on shutdown. [`Server::bind`] then [`Server::run`] can be driven from tests on
+//! runtime, Lua under `workers` slots (see [`crate::dispatch`]), a sweeper that notices
+//! changed scripts, and drains on shutdown. [`Server::bind`] then [`Server::run`] can be driven from tests on
 //! `127.0.0.1:0` or a unix socket in a temporary directory.
 
 use std::future::Future;
@@ -13,20 +13,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use luafcgid_policy::Policy;
-use luafcgid_pool::{StatePool, Workers};
+use luafcgid_pool::StatePool;
 use luafcgid_sandbox::ScriptState;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 
 use crate::audit::AuditLog;
 use crate::config::{Config, ListenAddr};
-use crate::dispatch::Job;
 use crate::render::Defaults;
 use crate::request_id::RequestIds;
 use crate::resolve::{Resolver, Script};
 
-/// Stack of each Lua worker thread (Lua→Rust→Lua recursion needs more than 256 KiB).
-pub const WORKER_STACK: usize = 4 << 20;
+/// Stack of each runtime thread, which runs Lua (Lua→Rust→Lua recursion needs more than
+/// 256 KiB).
+pub const THREAD_STACK: usize = 4 << 20;
+
+/// Runtime threads for `workers` Lua slots: one more, so a thread is always free for IO.
+pub fn runtime_threads(workers: usize) -> usize {
+    workers + 1
+}
 
 /// Half-life of a script's popularity for eviction.
 pub const POPULARITY_HALF_LIFE: Duration = Duration::from_secs(60);
@@ -54,7 +59,8 @@ pub struct Shared {
     pub config: Config,
     pub resolver: Resolver,
     pub pool: StatePool<ScriptState>,
-    pub workers: Workers<Job>,
+    /// One permit per request allowed in Lua at once (`workers`).
+    pub lua_slots: Arc<Semaphore>,
     pub audit: AuditLog,
     pub defaults: Defaults,
     pub ids: RequestIds,
@@ -165,12 +171,7 @@ impl Server {
         };
         let resolver = Resolver::new(&config.docroots, &config.extensions, config.sweep)?;
         let audit = AuditLog::open(config.log.as_ref())?;
-        let workers = Workers::start(
-            config.workers,
-            config.queue_max,
-            WORKER_STACK,
-            |job: Job| job.run(),
-        )?;
+        let lua_slots = Arc::new(Semaphore::new(config.workers));
         let limits = fastcgi_protocol::Limits {
             max_params_bytes: config.max_params,
             max_body_bytes: config.ceiling.body,
@@ -186,7 +187,7 @@ impl Server {
             },
             default_policy: Arc::new(config.defaults.clone()),
             resolver,
-            workers,
+            lua_slots,
             audit,
             ids: RequestIds::default(),
             limits,
@@ -250,7 +251,9 @@ impl Server {
             let shared = shared.clone();
             let connections = connections.clone();
             match l {
-                Bound::Tcp(t) => accept_tasks.push(tokio::spawn(accept_tcp(t, shared, connections))),
+                Bound::Tcp(t) => {
+                    accept_tasks.push(tokio::spawn(accept_tcp(t, shared, connections)))
+                }
                 Bound::Unix(u, p) => {
                     sockets.push(p);
                     accept_tasks.push(tokio::spawn(accept_unix(u, shared, connections)))
@@ -283,7 +286,6 @@ impl Server {
         .await;
         let s = shared.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            s.workers.join();
             s.audit.lifecycle("stop", serde_json::json!({}));
             s.audit.close();
         })
@@ -298,7 +300,10 @@ fn allowed(shared: &Shared, ip: IpAddr) -> bool {
         return true;
     }
     let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     allow.contains(&ip)

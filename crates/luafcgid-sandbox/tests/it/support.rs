@@ -15,10 +15,8 @@ impl TempDir {
     pub fn new() -> TempDir {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "luafcgid-sandbox-it-{}-{n}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("luafcgid-sandbox-it-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(std::fs::canonicalize(&dir).unwrap())
@@ -151,13 +149,6 @@ pub fn script_error(report: Report) -> String {
             "expected a script error, got a response: {:?}",
             String::from_utf8_lossy(&r.body)
         ),
-    }
-}
-
-pub fn limit_kind(report: &Report) -> Option<LimitKind> {
-    match &report.result {
-        Err(Failure::Limit { kind, .. }) => Some(*kind),
-        _ => None,
     }
 }
 

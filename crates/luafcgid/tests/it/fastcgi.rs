@@ -34,13 +34,20 @@ fn keep_conn_reuses_the_connection_and_its_absence_closes_it() {
     let p = params_for(&d.script("hello.lua"), "GET", &[]);
     let r = c.request(1, false, &p, b"");
     assert_eq!(r.text(), "Hello World");
-    assert!(c.closed(), "connection must close after a request without KEEP_CONN");
+    assert!(
+        c.closed(),
+        "connection must close after a request without KEEP_CONN"
+    );
 }
 
 #[test]
 fn params_split_at_every_record_boundary_and_padding() {
     let d = Daemon::start("", &[("hello.lua", HELLO)]);
-    let p = params_for(&d.script("hello.lua"), "GET", &[("HTTP_COOKIE", &"c".repeat(300))]);
+    let p = params_for(
+        &d.script("hello.lua"),
+        "GET",
+        &[("HTTP_COOKIE", &"c".repeat(300))],
+    );
     let mut stream = Vec::new();
     for (k, v) in &p {
         fastcgi_protocol::encode_pair(k.as_bytes(), v.as_bytes(), &mut stream);
@@ -64,7 +71,13 @@ fn params_split_at_every_record_boundary_and_padding() {
 
 #[test]
 fn four_byte_lengths_and_large_params() {
-    let d = Daemon::start("", &[("env.lua", "function handler(r) return #r.env.HTTP_COOKIE end")]);
+    let d = Daemon::start(
+        "",
+        &[(
+            "env.lua",
+            "function handler(r) return #r.env.HTTP_COOKIE end",
+        )],
+    );
     let big = "x".repeat(200_000);
     let p = params_for(&d.script("env.lua"), "GET", &[("HTTP_COOKIE", &big)]);
     let r = d.client().request(1, true, &p, b"");
@@ -74,7 +87,11 @@ fn four_byte_lengths_and_large_params() {
 #[test]
 fn params_over_the_limit_close_the_connection() {
     let d = Daemon::start("max_params = \"4KiB\"", &[("hello.lua", HELLO)]);
-    let p = params_for(&d.script("hello.lua"), "GET", &[("HTTP_COOKIE", &"x".repeat(8000))]);
+    let p = params_for(
+        &d.script("hello.lua"),
+        "GET",
+        &[("HTTP_COOKIE", &"x".repeat(8000))],
+    );
     let mut c = d.client();
     c.send(&crate::support::Client::encode(1, true, &p, b""));
     assert!(c.reply().is_none(), "no reply, the connection closes");
@@ -84,14 +101,28 @@ fn params_over_the_limit_close_the_connection() {
 
 #[test]
 fn stdin_in_records_of_any_size_and_body_reaches_the_script() {
-    let d = Daemon::start("", &[("echo.lua", "function handler(r) return r:body() or 'nil' end")]);
+    let d = Daemon::start(
+        "",
+        &[(
+            "echo.lua",
+            "function handler(r) return r:body() or 'nil' end",
+        )],
+    );
     let body: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
-    let p = params_for(&d.script("echo.lua"), "POST", &[("CONTENT_LENGTH", "100000")]);
+    let p = params_for(
+        &d.script("echo.lua"),
+        "POST",
+        &[("CONTENT_LENGTH", "100000")],
+    );
     let mut c = d.client();
     for size in [1usize, 1000, 65535] {
         let mut out = Vec::new();
         encode_begin_request(1, ROLE_RESPONDER, FLAG_KEEP_CONN, &mut out);
-        encode_params(1, p.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())), &mut out);
+        encode_params(
+            1,
+            p.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+            &mut out,
+        );
         for chunk in body.chunks(size) {
             encode_record(record_type::STDIN, 1, chunk, &mut out);
         }
@@ -107,7 +138,10 @@ fn stdin_in_records_of_any_size_and_body_reaches_the_script() {
 fn body_over_the_limit_is_413_before_lua() {
     let d = Daemon::start(
         "[defaults]\nbody = 1000\n",
-        &[("count.lua", "n = 0\nfunction handler(r) n = n + 1 return n end")],
+        &[(
+            "count.lua",
+            "n = 0\nfunction handler(r) n = n + 1 return n end",
+        )],
     );
     let p = params_for(&d.script("count.lua"), "POST", &[]);
     let mut c = d.client();
@@ -120,7 +154,13 @@ fn body_over_the_limit_is_413_before_lua() {
 
 #[test]
 fn responses_use_records_of_at_most_65535_bytes() {
-    let d = Daemon::start("", &[("big.lua", "function handler() return string.rep('z', 300000) end")]);
+    let d = Daemon::start(
+        "",
+        &[(
+            "big.lua",
+            "function handler() return string.rep('z', 300000) end",
+        )],
+    );
     let r = d.get("big.lua");
     assert_eq!(r.body.len(), 300_000);
     assert!(r.largest_record <= 65535);
@@ -133,7 +173,15 @@ fn get_values_reports_true_values() {
     let d = Daemon::start("max_connections = 77", &[]);
     let mut c = d.client();
     let mut out = Vec::new();
-    encode_get_values(&[b"FCGI_MAX_CONNS", b"FCGI_MPXS_CONNS", b"FCGI_MAX_REQS", b"OTHER"], &mut out);
+    encode_get_values(
+        &[
+            b"FCGI_MAX_CONNS",
+            b"FCGI_MPXS_CONNS",
+            b"FCGI_MAX_REQS",
+            b"OTHER",
+        ],
+        &mut out,
+    );
     c.send(&out);
     match c.reply().unwrap() {
         Reply::GetValuesResult(pairs) => {
@@ -186,7 +234,12 @@ fn multiplexed_requests_complete_out_of_order() {
     );
     let mut c = d.client();
     let mut out = Client::encode(1, true, &params_for(&d.script("slow.lua"), "GET", &[]), b"");
-    out.extend(Client::encode(2, true, &params_for(&d.script("hello.lua"), "GET", &[]), b""));
+    out.extend(Client::encode(
+        2,
+        true,
+        &params_for(&d.script("hello.lua"), "GET", &[]),
+        b"",
+    ));
     c.send(&out);
     let mut done = Vec::new();
     let mut bodies = std::collections::HashMap::<u16, Vec<u8>>::new();
@@ -209,7 +262,12 @@ fn abort_request_stops_lua_and_is_logged() {
         &[("spin.lua", "function handler() while true do end end")],
     );
     let mut c = d.client();
-    c.send(&Client::encode(1, true, &params_for(&d.script("spin.lua"), "GET", &[]), b""));
+    c.send(&Client::encode(
+        1,
+        true,
+        &params_for(&d.script("spin.lua"), "GET", &[]),
+        b"",
+    ));
     // Whether Lua has started or not, the abort must end the request.
     let started = Instant::now();
     let mut out = Vec::new();
@@ -230,24 +288,44 @@ fn abort_request_stops_lua_and_is_logged() {
 fn closed_connection_stops_lua() {
     let mut d = Daemon::start(
         "[defaults]\ntimeout_ms = 20000\ninstructions = 100000000000\n",
-        &[("spin.lua", "function handler() while true do end end"), ("hello.lua", HELLO)],
+        &[
+            ("spin.lua", "function handler() while true do end end"),
+            ("hello.lua", HELLO),
+        ],
     );
     let started = Instant::now();
     {
         let mut c = d.client();
-        c.send(&Client::encode(1, true, &params_for(&d.script("spin.lua"), "GET", &[]), b""));
+        c.send(&Client::encode(
+            1,
+            true,
+            &params_for(&d.script("spin.lua"), "GET", &[]),
+            b"",
+        ));
         d.wait_leased(1);
     }
     // Both workers must be free again long before the 20 s timeout: two spins in a row.
     let mut c2 = d.client();
-    c2.send(&Client::encode(1, true, &params_for(&d.script("spin.lua"), "GET", &[]), b""));
+    c2.send(&Client::encode(
+        1,
+        true,
+        &params_for(&d.script("spin.lua"), "GET", &[]),
+        b"",
+    ));
     d.wait_leased(1);
     drop(c2);
     assert_eq!(d.get("hello.lua").text(), "Hello World");
     assert!(started.elapsed() < Duration::from_secs(10));
     let lines = d.stop();
-    let outcomes: Vec<_> = requests(&lines).iter().map(|r| r["outcome"].clone()).collect();
-    assert_eq!(outcomes.iter().filter(|o| *o == "aborted").count(), 2, "{outcomes:?}");
+    let outcomes: Vec<_> = requests(&lines)
+        .iter()
+        .map(|r| r["outcome"].clone())
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "aborted").count(),
+        2,
+        "{outcomes:?}"
+    );
 }
 
 #[test]
@@ -273,7 +351,9 @@ fn malformed_records_close_only_that_connection() {
             o
         },
         // Random bytes.
-        (0..64u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 | 0x80).collect(),
+        (0..64u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 | 0x80)
+            .collect(),
     ];
     for (i, bytes) in cases.iter().enumerate() {
         let mut c = d.client();
@@ -295,7 +375,11 @@ fn malformed_pairs_are_400() {
     let mut c = d.client();
     c.send(&out);
     assert_eq!(c.response(1).status, 400);
-    assert_eq!(c.get(&d.script("hello.lua")).status, 200, "the connection survives");
+    assert_eq!(
+        c.get(&d.script("hello.lua")).status,
+        200,
+        "the connection survives"
+    );
 }
 
 #[test]
@@ -315,7 +399,10 @@ fn slow_client_times_out_without_a_worker() {
     // Meanwhile others are served.
     assert_eq!(d.get("hello.lua").text(), "Hello World");
     let t = Instant::now();
-    assert!(slow.reply().is_none(), "the daemon closes a request that stalls");
+    assert!(
+        slow.reply().is_none(),
+        "the daemon closes a request that stalls"
+    );
     assert!(t.elapsed() < Duration::from_secs(5));
 }
 
@@ -339,13 +426,21 @@ fn connection_cap_refuses_extra_connections() {
     let mut c = d.client();
     let mut buf = [0u8; 1];
     let n = c.stream.read(&mut buf);
-    assert!(matches!(n, Ok(0) | Err(_)), "third connection is closed at once");
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "third connection is closed at once"
+    );
     drop(a);
     // A freed slot is reusable; the accept loop sees the close asynchronously, so retry.
     let mut ok = false;
     for _ in 0..100 {
         let mut c = d.client();
-        c.send(&Client::encode(1, true, &params_for(&d.script("hello.lua"), "GET", &[]), b""));
+        c.send(&Client::encode(
+            1,
+            true,
+            &params_for(&d.script("hello.lua"), "GET", &[]),
+            b"",
+        ));
         if let Some(Reply::Stdout { .. }) = c.reply() {
             ok = true;
             break;
@@ -364,7 +459,12 @@ fn management_records_are_answered_while_every_worker_is_busy() {
     let mut busy: Vec<Client> = (0..2)
         .map(|_| {
             let mut c = d.client();
-            c.send(&Client::encode(1, true, &params_for(&d.script("spin.lua"), "GET", &[]), b""));
+            c.send(&Client::encode(
+                1,
+                true,
+                &params_for(&d.script("spin.lua"), "GET", &[]),
+                b"",
+            ));
             c
         })
         .collect();
@@ -377,7 +477,11 @@ fn management_records_are_answered_while_every_worker_is_busy() {
     assert!(matches!(c.reply(), Some(Reply::GetValuesResult(_))));
     let missing = d.client().get(&d.script("missing.lua"));
     assert_eq!(missing.status, 404);
-    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
     for b in &mut busy {
         assert_eq!(b.response(1).text(), "x");
     }

@@ -4,7 +4,13 @@ use crate::support::*;
 
 #[test]
 fn http_listener_serves_scripts() {
-    let d = Daemon::start("", &[("hello.lua", HELLO), ("q.lua", "function handler(r) return r.env.QUERY_STRING end")]);
+    let d = Daemon::start(
+        "",
+        &[
+            ("hello.lua", HELLO),
+            ("q.lua", "function handler(r) return r.env.QUERY_STRING end"),
+        ],
+    );
     let (status, text) = http_get(d.http, "/hello.lua");
     assert_eq!(status, 200);
     assert!(text.ends_with("\r\n\r\nHello World"), "{text}");

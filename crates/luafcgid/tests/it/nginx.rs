@@ -145,7 +145,10 @@ fn through_nginx_over_unix_and_tcp() {
     );
     let nginx = start_nginx(&d);
     let body: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-    let expected_sum: u64 = (0..1_000_000usize).step_by(997).map(|i| body[i] as u64).sum();
+    let expected_sum: u64 = (0..1_000_000usize)
+        .step_by(997)
+        .map(|i| body[i] as u64)
+        .sum();
     for via in ["unix", "tcp"] {
         for _ in 0..3 {
             let (status, b) = http(nginx.port, "GET", &format!("/{via}/hello.lua"), b"");
@@ -154,7 +157,10 @@ fn through_nginx_over_unix_and_tcp() {
         }
         let (status, b) = http(nginx.port, "POST", &format!("/{via}/post.lua"), &body);
         assert_eq!(status, 200, "{via} POST");
-        assert_eq!(String::from_utf8(b).unwrap(), format!("1000000:{expected_sum}"));
+        assert_eq!(
+            String::from_utf8(b).unwrap(),
+            format!("1000000:{expected_sum}")
+        );
         let (status, _) = http(nginx.port, "GET", &format!("/{via}/missing.lua"), b"");
         assert_eq!(status, 404);
     }

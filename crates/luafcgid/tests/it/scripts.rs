@@ -11,13 +11,18 @@ const COUNTER: &str = "n = 0\nfunction handler() n = n + 1 return n end\n";
 fn globals_persist_in_a_state() {
     let d = Daemon::start("[defaults]\nclones = 1\n", &[("count.lua", COUNTER)]);
     let mut c = d.client();
-    let got: Vec<String> = (0..4).map(|_| c.get(&d.script("count.lua")).text()).collect();
+    let got: Vec<String> = (0..4)
+        .map(|_| c.get(&d.script("count.lua")).text())
+        .collect();
     assert_eq!(got, ["1", "2", "3", "4"]);
 }
 
 #[test]
 fn not_persistent_policy_gives_a_fresh_state_each_time() {
-    let d = Daemon::start("[defaults]\npersistent = false\n", &[("count.lua", COUNTER)]);
+    let d = Daemon::start(
+        "[defaults]\npersistent = false\n",
+        &[("count.lua", COUNTER)],
+    );
     for _ in 0..3 {
         assert_eq!(d.get("count.lua").text(), "1");
     }
@@ -31,24 +36,43 @@ fn clones_bound_states_per_script_and_queue_then_shed() {
         &[("slow.lua", slow), ("hello.lua", HELLO)],
     );
     let mut first = d.client();
-    first.send(&Client::encode(1, true, &params_for(&d.script("slow.lua"), "GET", &[]), b""));
+    first.send(&Client::encode(
+        1,
+        true,
+        &params_for(&d.script("slow.lua"), "GET", &[]),
+        b"",
+    ));
     d.wait_leased(1);
     let t = Instant::now();
     let r = d.get("slow.lua");
-    assert_eq!(r.status, 503, "the only clone is busy and the wait is bounded");
+    assert_eq!(
+        r.status, 503,
+        "the only clone is busy and the wait is bounded"
+    );
     assert!(r.header("Retry-After").is_some());
-    assert!(t.elapsed() < Duration::from_millis(350), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(350),
+        "{:?}",
+        t.elapsed()
+    );
     // Another script still runs meanwhile (the second worker).
     assert_eq!(d.get("hello.lua").text(), "Hello World");
     assert_eq!(first.response(1).text(), "done");
-    assert_eq!(d.shared.pool.idle_states(std::path::Path::new(&std::fs::canonicalize(d.path("slow.lua")).unwrap())), 1);
+    assert_eq!(
+        d.shared.pool.idle_states(std::path::Path::new(
+            &std::fs::canonicalize(d.path("slow.lua")).unwrap()
+        )),
+        1
+    );
 }
 
 #[test]
 fn changed_script_is_reloaded_within_sweep() {
-    let d = Daemon::start_with("", &[("v.lua", "function handler() return 'one' end")], |o| {
-        o.sweep_ms = Some(50)
-    });
+    let d = Daemon::start_with(
+        "",
+        &[("v.lua", "function handler() return 'one' end")],
+        |o| o.sweep_ms = Some(50),
+    );
     assert_eq!(d.get("v.lua").text(), "one");
     d.write("v.lua", "function handler() return 'two!' end");
     let t = Instant::now();
@@ -68,7 +92,10 @@ fn changed_module_rebuilds_the_state() {
     let d = Daemon::start_with(
         "",
         &[
-            ("t/main.lua", "local m = require('lib.m')\nfunction handler() return m.v end"),
+            (
+                "t/main.lua",
+                "local m = require('lib.m')\nfunction handler() return m.v end",
+            ),
             ("t/lib/m.lua", "return {v = 'old'}"),
         ],
         |o| o.sweep_ms = Some(50),
@@ -77,7 +104,10 @@ fn changed_module_rebuilds_the_state() {
     d.write("t/lib/m.lua", "return {v = 'newer'}");
     let t = Instant::now();
     while d.get("t/main.lua").text() != "newer" {
-        assert!(t.elapsed() < Duration::from_secs(3), "module change not seen");
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "module change not seen"
+        );
         std::thread::yield_now();
     }
 }
@@ -94,7 +124,11 @@ fn deleted_script_is_404_and_its_states_go() {
         if r.status == 404 && d.shared.pool.idle_states(&real) == 0 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(3), "still served: {}", r.status);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "still served: {}",
+            r.status
+        );
         std::thread::yield_now();
     }
 }
@@ -103,7 +137,11 @@ fn deleted_script_is_404_and_its_states_go() {
 fn eviction_keeps_popular_scripts_warm() {
     let d = Daemon::start_with(
         "[defaults]\nclones = 1\n",
-        &[("hot.lua", COUNTER), ("cold.lua", COUNTER), ("third.lua", COUNTER)],
+        &[
+            ("hot.lua", COUNTER),
+            ("cold.lua", COUNTER),
+            ("third.lua", COUNTER),
+        ],
         |o| o.states = Some(2),
     );
     let mut c = d.client();
@@ -119,15 +157,26 @@ fn eviction_keeps_popular_scripts_warm() {
 
 #[test]
 fn state_max_requests_retires_states() {
-    let d = Daemon::start("[defaults]\nclones = 1\nstate_max_requests = 2\n", &[("count.lua", COUNTER)]);
+    let d = Daemon::start(
+        "[defaults]\nclones = 1\nstate_max_requests = 2\n",
+        &[("count.lua", COUNTER)],
+    );
     let mut c = d.client();
-    let got: Vec<String> = (0..5).map(|_| c.get(&d.script("count.lua")).text()).collect();
+    let got: Vec<String> = (0..5)
+        .map(|_| c.get(&d.script("count.lua")).text())
+        .collect();
     assert_eq!(got, ["1", "2", "1", "2", "1"]);
 }
 
 #[test]
 fn traversal_and_confinement() {
-    let d = Daemon::start("", &[("a/ok.lua", HELLO), ("b/secret.lua", "function handler() return 'secret' end")]);
+    let d = Daemon::start(
+        "",
+        &[
+            ("a/ok.lua", HELLO),
+            ("b/secret.lua", "function handler() return 'secret' end"),
+        ],
+    );
     let outside = d.dir.path().join("outside.lua");
     std::fs::write(&outside, HELLO).unwrap();
     std::os::unix::fs::symlink(&outside, d.path("a/escape.lua")).unwrap();
@@ -138,15 +187,35 @@ fn traversal_and_confinement() {
     std::fs::create_dir_all(d.path("a/dir.lua")).unwrap();
     let status = |p: &str| d.client().get(p).status;
     assert_eq!(status(&d.script("a/ok.lua")), 200);
-    assert_eq!(status(&d.script("a/alias.lua")), 200, "a symlink within the tenant");
+    assert_eq!(
+        status(&d.script("a/alias.lua")),
+        200,
+        "a symlink within the tenant"
+    );
     assert_eq!(status(&d.script("a/../b/secret.lua")), 403, "dot-dot");
-    assert_eq!(status(&d.script("a/escape.lua")), 403, "symlink out of the root");
-    assert_eq!(status(&d.script("a/cross.lua")), 403, "symlink into another tenant");
+    assert_eq!(
+        status(&d.script("a/escape.lua")),
+        403,
+        "symlink out of the root"
+    );
+    assert_eq!(
+        status(&d.script("a/cross.lua")),
+        403,
+        "symlink into another tenant"
+    );
     assert_eq!(status(&d.script("a/readme.txt")), 403, "extension");
-    assert_eq!(status(&d.script("a/txt.lua")), 403, "extension of the target");
+    assert_eq!(
+        status(&d.script("a/txt.lua")),
+        403,
+        "extension of the target"
+    );
     assert_eq!(status(&d.script("a/missing.lua")), 404);
     assert_eq!(status(&d.script("a/dir.lua")), 404, "not a regular file");
-    assert_eq!(status(&outside.display().to_string()), 403, "outside the roots");
+    assert_eq!(
+        status(&outside.display().to_string()),
+        403,
+        "outside the roots"
+    );
     assert_eq!(status("relative/x.lua"), 400);
     let apache = format!("proxy:fcgi://127.0.0.1:9000{}", d.script("a/ok.lua"));
     assert_eq!(status(&apache), 200, "Apache's prefix is stripped");
@@ -182,7 +251,10 @@ fn outcomes_and_generic_error_pages() {
         let id = r.header("X-Request-Id").unwrap().to_string();
         assert!(r.text().contains(&id), "error page shows the request id");
         assert!(!r.text().contains("secret"), "no message on the page");
-        assert!(!r.text().contains(&d.root.display().to_string()), "no path on the page");
+        assert!(
+            !r.text().contains(&d.root.display().to_string()),
+            "no path on the page"
+        );
     }
     let lines = d.stop();
     let reqs = requests(&lines);
@@ -191,7 +263,10 @@ fn outcomes_and_generic_error_pages() {
         assert_eq!(line["outcome"], outcome, "{script}");
     }
     let err = reqs.iter().find(|l| l["script"] == "err.lua").unwrap();
-    assert!(err["error"].as_str().unwrap().contains("secret detail"), "the log has the message");
+    assert!(
+        err["error"].as_str().unwrap().contains("secret detail"),
+        "the log has the message"
+    );
 }
 
 #[test]
@@ -202,7 +277,11 @@ fn time_limit_ends_the_request() {
     );
     let t = Instant::now();
     assert_eq!(d.get("time.lua").status, 500);
-    assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
     let lines = d.stop();
     assert_eq!(requests(&lines)[0]["outcome"], "limit_time");
 }
@@ -230,7 +309,12 @@ fn state_with_an_error_is_kept_and_one_over_a_limit_is_not() {
     );
     let mut c = d.client();
     let get = |c: &mut Client, q: &str| {
-        c.request(1, true, &params_for(&d.script("mixed.lua"), "GET", &[("QUERY_STRING", q)]), b"")
+        c.request(
+            1,
+            true,
+            &params_for(&d.script("mixed.lua"), "GET", &[("QUERY_STRING", q)]),
+            b"",
+        )
     };
     assert_eq!(get(&mut c, "").text(), "1");
     assert_eq!(get(&mut c, "err").status, 500);
@@ -259,7 +343,10 @@ function handler(r)
   return " q=" .. q.x .. " var=" .. tostring(r:config("greeting"))
 end
 "#;
-    let mut d = Daemon::start("[defaults.vars]\ngreeting = \"hi\"\n", &[("api.lua", script)]);
+    let mut d = Daemon::start(
+        "[defaults.vars]\ngreeting = \"hi\"\n",
+        &[("api.lua", script)],
+    );
     let r = d.client().request(
         1,
         true,
@@ -280,7 +367,10 @@ end
 fn header_injection_is_refused() {
     let d = Daemon::start(
         "",
-        &[("inj.lua", "function handler(r) r:header('X-A', 'v\\r\\nSet-Cookie: x=1') return 'no' end")],
+        &[(
+            "inj.lua",
+            "function handler(r) r:header('X-A', 'v\\r\\nSet-Cookie: x=1') return 'no' end",
+        )],
     );
     let r = d.get("inj.lua");
     assert_eq!(r.status, 500);
@@ -292,20 +382,37 @@ fn classic_main_form_and_entry_policy() {
     let classic = "function main(env, con)\n con:header('X-V', tostring(env.LUAFCGID_VERSION))\n con:puts('method=', env.REQUEST_METHOD)\n return 'ignored'\nend";
     let d = Daemon::start(
         "",
-        &[("classic.lua", classic), ("both.lua", "function handler() return 'h' end\nfunction main(e, c) c:puts('m') end")],
+        &[
+            ("classic.lua", classic),
+            (
+                "both.lua",
+                "function handler() return 'h' end\nfunction main(e, c) c:puts('m') end",
+            ),
+        ],
     );
     let r = d.get("classic.lua");
     assert_eq!(r.text(), "method=GET");
     assert_eq!(r.header("X-V"), Some("1"));
     assert_eq!(d.get("both.lua").text(), "m", "main wins by default");
-    let d2 = Daemon::start("[defaults]\nentry = \"handler\"\n", &[("both.lua", "function handler() return 'h' end\nfunction main(e, c) c:puts('m') end")]);
+    let d2 = Daemon::start(
+        "[defaults]\nentry = \"handler\"\n",
+        &[(
+            "both.lua",
+            "function handler() return 'h' end\nfunction main(e, c) c:puts('m') end",
+        )],
+    );
     assert_eq!(d2.get("both.lua").text(), "h");
 }
 
 #[test]
 fn head_has_no_body() {
     let d = Daemon::start("", &[("hello.lua", HELLO)]);
-    let r = d.client().request(1, true, &params_for(&d.script("hello.lua"), "HEAD", &[]), b"");
+    let r = d.client().request(
+        1,
+        true,
+        &params_for(&d.script("hello.lua"), "HEAD", &[]),
+        b"",
+    );
     assert_eq!(r.status, 200);
     assert!(r.body.is_empty());
     assert_eq!(r.header("Content-Length"), Some("11"));

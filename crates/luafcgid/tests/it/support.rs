@@ -138,7 +138,10 @@ impl Daemon {
             if s.states - s.idle >= n {
                 return;
             }
-            assert!(t.elapsed() < Duration::from_secs(10), "never saw {n} busy states: {s:?}");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "never saw {n} busy states: {s:?}"
+            );
             std::thread::yield_now();
         }
     }
@@ -261,7 +264,12 @@ impl Client {
     /// Encodes a whole request.
     pub fn encode(id: u16, keep: bool, params: &[(String, String)], body: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_begin_request(id, ROLE_RESPONDER, if keep { FLAG_KEEP_CONN } else { 0 }, &mut out);
+        encode_begin_request(
+            id,
+            ROLE_RESPONDER,
+            if keep { FLAG_KEEP_CONN } else { 0 },
+            &mut out,
+        );
         encode_params(
             id,
             params.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
@@ -271,7 +279,13 @@ impl Client {
         out
     }
 
-    pub fn request(&mut self, id: u16, keep: bool, params: &[(String, String)], body: &[u8]) -> Response {
+    pub fn request(
+        &mut self,
+        id: u16,
+        keep: bool,
+        params: &[(String, String)],
+        body: &[u8],
+    ) -> Response {
         let bytes = Self::encode(id, keep, params, body);
         self.send(&bytes);
         self.response(id)
@@ -352,7 +366,11 @@ impl Client {
 pub fn http_get(addr: SocketAddr, target: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(s, "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out[9..12].parse().unwrap();

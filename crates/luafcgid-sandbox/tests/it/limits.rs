@@ -1,0 +1,229 @@
+//! Each limit, during a request and during the init run.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use luafcgid_sandbox::{Failure, LimitKind, Limits, ScriptState};
+
+use crate::support::*;
+
+#[test]
+fn instruction_limit() {
+    let mut s = load("function handler() while true do end end");
+    let report = request(&mut s.state);
+    let instructions = report.instructions;
+    let period = u64::from(luafcgid_sandbox::HOOK_PERIOD);
+    assert!(
+        (10_000_000..=10_000_000 + period).contains(&instructions),
+        "{instructions}"
+    );
+    let failure = report.result.unwrap_err();
+    assert!(!failure.keeps_state());
+    match failure {
+        Failure::Limit {
+            kind: LimitKind::Instructions,
+            message,
+        } => {
+            assert!(message.contains("10000000"), "{message}")
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
+fn instruction_budget_is_per_request() {
+    // Each request runs ~60% of the budget (one instruction per iteration): never a limit,
+    // however many requests.
+    let mut s = load("function handler() for i = 1, 3000000 do end return 'ok' end");
+    let limits = Limits {
+        instructions: 5_000_000,
+        ..limits()
+    };
+    for _ in 0..3 {
+        let report = Req::default().run(&mut s.state, &limits);
+        assert!(report.instructions > 2_000_000, "{}", report.instructions);
+        assert_eq!(body(report), "ok");
+    }
+}
+
+#[test]
+fn time_limit() {
+    let mut s = load("function handler() while true do end end");
+    let limits = Limits {
+        instructions: 0,
+        timeout: Duration::from_millis(200),
+        output: 0,
+    };
+    let start = Instant::now();
+    let report = Req::default().run(&mut s.state, &limits);
+    let elapsed = start.elapsed();
+    expect_limit(report, LimitKind::Time);
+    assert!(elapsed >= Duration::from_millis(200), "{elapsed:?}");
+    // DESIGN: within 10% or 50 ms; typically a few ms over. The margin here is wider so a
+    // busy test machine does not make the test flaky.
+    assert!(elapsed < Duration::from_millis(300), "{elapsed:?}");
+}
+
+#[test]
+fn memory_limit() {
+    for src in [
+        "function handler() local s = string.rep('x', 100 * 1024 * 1024) return #s end",
+        "function handler() local t = {} for i = 1, 1e9 do t[i] = i end end",
+        "function handler() local s = 'x' while true do s = s .. s end end",
+        "function handler() local t = {} while true do t[#t + 1] = {} end end",
+    ] {
+        let mut s = load(src);
+        expect_limit(request(&mut s.state), LimitKind::Memory);
+    }
+}
+
+#[test]
+fn output_limit() {
+    let limits = Limits {
+        output: 10_000,
+        ..limits()
+    };
+    for src in [
+        "function handler(r) while true do r:puts('xxxxxxxxxx') end end",
+        "function handler(r) while true do print('xxxxxxxxxx') end end",
+        "function handler(r) while true do r:header('X-A', 'yyyyyyyyyy') end end",
+        "function handler(r) return string.rep('z', 10001) end",
+        "function handler(r) r:write(string.rep('z', 9990), 'abcdefghijkl') end",
+    ] {
+        let mut s = load(src);
+        let report = Req::default().run(&mut s.state, &limits);
+        expect_limit(report, LimitKind::Output);
+    }
+    // Exactly at the limit is fine; headers count too.
+    let mut s =
+        load("function handler(r) r:header('X-A', 'b') return string.rep('z', 10000 - 10) end");
+    let response = ok(Req::default().run(&mut s.state, &limits));
+    assert_eq!(response.body.len(), 9990);
+}
+
+#[test]
+fn init_limits_apply_to_the_chunk() {
+    for (src, kind) in [
+        ("while true do end", LimitKind::Instructions),
+        (
+            "local t = {} while true do t[#t + 1] = 'x' .. #t end",
+            LimitKind::Memory,
+        ),
+    ] {
+        let (_dir, result) = try_load(format!("{src}\nfunction handler() end"));
+        match result {
+            Err(Failure::Limit { kind: k, .. }) => assert_eq!(k, kind, "{src}"),
+            other => panic!("{src}: unexpected {other:?}"),
+        }
+    }
+    let dir = TempDir::new();
+    let script = dir.write("s.lua", "while true do end");
+    let mut opts = options(&dir, &script);
+    opts.init = Limits {
+        instructions: 0,
+        timeout: Duration::from_millis(100),
+        output: 0,
+    };
+    match ScriptState::load(&opts, &AtomicBool::new(false)) {
+        Err(Failure::Limit {
+            kind: LimitKind::Time,
+            ..
+        }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn init_output_is_discarded() {
+    let mut s = load("print('from init')\nfunction handler() print('from request') end");
+    assert_eq!(body(request(&mut s.state)), "from request\n");
+}
+
+#[test]
+fn abort_flag_stops_a_running_request() {
+    let mut s = load("function handler() while true do end end");
+    let req = Arc::new(Req::default());
+    let limits = Limits {
+        instructions: 0,
+        timeout: Duration::from_secs(10),
+        output: 0,
+    };
+    let start = Instant::now();
+    let report = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            req.abort.store(true, Ordering::Relaxed);
+        });
+        req.run(&mut s.state, &limits)
+    });
+    assert!(
+        matches!(report.result, Err(Failure::Aborted)),
+        "{:?}",
+        report.result
+    );
+    assert!(start.elapsed() < Duration::from_millis(500));
+    assert!(!Failure::Aborted.keeps_state());
+}
+
+#[test]
+fn abort_flag_set_before_the_request() {
+    let mut s = load("n = 0 function handler() n = n + 1 return n end");
+    let req = Req::default();
+    req.abort.store(true, Ordering::Relaxed);
+    assert!(matches!(
+        req.run(&mut s.state, &limits()).result,
+        Err(Failure::Aborted)
+    ));
+    // The handler never ran.
+    assert_eq!(body(request(&mut s.state)), "1");
+}
+
+#[test]
+fn abort_flag_stops_the_init_run() {
+    let dir = TempDir::new();
+    let script = dir.write("s.lua", "while true do end");
+    let mut opts = options(&dir, &script);
+    opts.init = Limits {
+        instructions: 0,
+        timeout: Duration::from_secs(10),
+        output: 0,
+    };
+    let abort = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(30));
+            abort.store(true, Ordering::Relaxed);
+        });
+        ScriptState::load(&opts, &abort)
+    });
+    assert!(matches!(result, Err(Failure::Aborted)), "{result:?}");
+}
+
+#[test]
+fn limits_reset_between_requests() {
+    // A state that hit a limit should be discarded, but if it is reused the next run starts
+    // with a fresh budget.
+    let mut s = load("n = 0 function handler() n = n + 1 if n == 1 then while true do end end return 'fresh' end");
+    expect_limit(request(&mut s.state), LimitKind::Instructions);
+    assert_eq!(body(request(&mut s.state)), "fresh");
+}
+
+#[test]
+fn limit_in_a_coroutine() {
+    let mut s = load(
+        "function handler() local co = coroutine.wrap(function() while true do end end) co() end",
+    );
+    expect_limit(request(&mut s.state), LimitKind::Instructions);
+}
+
+#[test]
+fn report_counts_instructions_and_memory() {
+    let mut s =
+        load("function handler() local t = {} for i = 1, 100000 do t[i] = i end return #t end");
+    let report = request(&mut s.state);
+    // Two VM instructions per iteration.
+    assert!(report.instructions >= 199_000, "{}", report.instructions);
+    assert!(report.memory >= 1 << 20, "{}", report.memory);
+    assert_eq!(body(report), "100000");
+}

@@ -1,0 +1,3 @@
+-- expect: ok
+-- body: nil
+function handler() return tostring(debug) end

@@ -1,0 +1,3 @@
+-- expect: ok
+-- body: Hello World
+function handler() return "Hello World" end

@@ -1,0 +1,2 @@
+-- expect: limit_cpu
+function handler() while true do end end

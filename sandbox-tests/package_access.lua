@@ -1,0 +1,5 @@
+-- expect: ok
+-- body: nil nil nil
+function handler()
+    return tostring(package) .. " " .. tostring(dofile) .. " " .. tostring(loadfile)
+end

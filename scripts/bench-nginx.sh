@@ -1,0 +1,663 @@
+#!/usr/bin/env bash
+# bench-nginx.sh: luafcgid behind nginx, next to nginx's own `return 200`, a
+# constant-answer FastCGI responder (fcgi-const, the ceiling of the FastCGI
+# path) and php-fpm, all serving "Hello World" on loopback.
+#
+# Usage: scripts/bench-nginx.sh
+#
+# Environment (all optional):
+#   DURATION=10        seconds per wrk run
+#   ROUNDS=2           interleaved rounds (every row, both connection counts, per round)
+#   WARMUP=1           seconds of untimed wrk load per row before round 1 (0: none)
+#   CONNS="50 1"       wrk connection counts (always one wrk thread)
+#   PHP_CHILDREN="4 2" one php-fpm pool (pm = static) per value; the best is "php-fpm best"
+#   PHP_KEEPALIVE=0    1: keepalive 32 + fastcgi_keep_conn on for php-fpm too. Off by default:
+#                      each php-fpm child serves one connection until nginx closes it, so
+#                      with more client connections than children the extra requests wait
+#                      in the listen queue for the whole run (only ~N connections progress)
+#   PHP_FPM=...        php-fpm binary (default: the newest /usr/sbin/php-fpm*)
+#   LUAFCGID_ARGS=...  extra flags for both `luafcgid serve` instances (e.g. "--workers 2")
+#   SKIP_BUILD=1       use the binaries already in target/release
+#   KEEP_TMP=1         keep the temp dir (configs, wrk outputs, logs) for a look afterwards
+#
+# Everything runs in a private temp dir (configs, sockets, logs) and on 127.0.0.1
+# only; every process the script starts is stopped by PID on exit and the temp dir
+# is removed. Worst-case duration: about rows x len(CONNS) x (ROUNDS x DURATION +
+# WARMUP) seconds plus start-up (7 rows, 2 connection counts: ~290 s by default).
+#
+# Rows (URL paths on one nginx server, 1 worker process, access_log off):
+#   return        nginx `return 200 "Hello World"` (no backend)
+#   const         /const              -> fcgi-const on a unix socket
+#   php-fpm/N     /php-N/hello.php    -> php-fpm, pm = static, pm.max_children = N, unix socket,
+#                                        a new connection per request (see PHP_KEEPALIVE)
+#   lua-unix      /lua-unix/hello.lua -> luafcgid, unix socket, --log /dev/null
+#   lua-tcp       /lua-tcp/hello.lua  -> the same luafcgid, 127.0.0.1 TCP
+#   lua-unix+log  /lua-log/hello.lua  -> a second luafcgid, unix socket, audit log to a file
+# const and luafcgid upstreams: keepalive 32, fastcgi_keep_conn on.
+#
+# Measured per run: req/s, p50 and p99 (wrk --latency), and CPU time (utime+stime
+# from /proc/PID/stat, summed over the process and all its descendants, e.g.
+# php-fpm's master and children, nginx's master and worker) of the backend and of
+# nginx, read just before and just after wrk, divided by wrk's request count.
+# Any non-2xx/3xx response, socket error, wrk failure, or stalled connections
+# (with C > 1 connections, req/s x mean latency below C/2: requests that never
+# completed, which wrk does not count) marks the row FAIL; the script then exits 1.
+
+set -euo pipefail
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-2}
+WARMUP=${WARMUP:-1}
+CONNS=${CONNS:-"50 1"}
+PHP_CHILDREN=${PHP_CHILDREN:-"4 2"}
+PHP_KEEPALIVE=${PHP_KEEPALIVE:-0}
+LUAFCGID_ARGS=${LUAFCGID_ARGS:-}
+SKIP_BUILD=${SKIP_BUILD:-0}
+
+die() { echo "bench-nginx: $*" >&2; exit 2; }
+note() { echo "bench-nginx: $*" >&2; }
+
+for v in DURATION ROUNDS WARMUP PHP_KEEPALIVE; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
+done
+((DURATION >= 1)) || die "DURATION must be at least 1"
+((ROUNDS >= 1)) || die "ROUNDS must be at least 1"
+for c in $CONNS; do [[ $c =~ ^[1-9][0-9]*$ ]] || die "CONNS: bad connection count '$c'"; done
+for n in $PHP_CHILDREN; do [[ $n =~ ^[1-9][0-9]*$ ]] || die "PHP_CHILDREN: bad value '$n'"; done
+
+for tool in nginx wrk curl ss timeout; do
+    command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y nginx wrk curl iproute2 coreutils)"
+done
+[[ -r /proc/self/stat ]] || die "/proc is needed to measure CPU time"
+
+if [[ -z ${PHP_FPM:-} ]]; then
+    PHP_FPM=$(compgen -G '/usr/sbin/php-fpm*' | sort -V | tail -n 1 || true)
+fi
+if [[ -z $PHP_FPM || ! -x $PHP_FPM ]]; then
+    note "php-fpm not found (set PHP_FPM=...); the php-fpm rows are skipped"
+    PHP_FPM=""
+    PHP_CHILDREN=""
+fi
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+BIN=${CARGO_TARGET_DIR:-$REPO/target}/release
+CLK_TCK=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------------------
+# Build.
+
+LUAFCGID_OK=1
+LUAFCGID_WHY=""
+if [[ $SKIP_BUILD != 1 ]]; then
+    note "building: cargo build --release -p luafcgid -p luafcgid-bench"
+    if ! (cd "$REPO" && cargo build --release -p luafcgid -p luafcgid-bench); then
+        note "luafcgid did not build; building luafcgid-bench alone, the luafcgid rows will FAIL"
+        LUAFCGID_OK=0
+        LUAFCGID_WHY="luafcgid did not build"
+        (cd "$REPO" && cargo build --release -p luafcgid-bench) || die "luafcgid-bench did not build"
+    fi
+fi
+[[ -x $BIN/fcgi-const ]] || die "$BIN/fcgi-const missing"
+if ((LUAFCGID_OK)) && [[ ! -x $BIN/luafcgid ]]; then
+    LUAFCGID_OK=0
+    LUAFCGID_WHY="$BIN/luafcgid missing"
+fi
+
+# ---------------------------------------------------------------------------
+# Temp dir, process bookkeeping, cleanup.
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/bench-nginx.XXXXXX")
+T=$(cd "$T" && pwd -P)
+declare -a STARTED=()      # PIDs of everything started in the background
+declare -A STARTED_NAME=() # PID -> name (for messages)
+
+descendants() { # PID: the PIDs of all its descendants, one a line
+    local root=$1 f line pid rest changed=1
+    local -A ppid=() set=([$root]=1)
+    local -a a
+    for f in /proc/[0-9]*/stat; do
+        read -r line 2>/dev/null <"$f" || continue
+        pid=${line%% *}
+        rest=${line##*) }
+        read -ra a <<<"$rest"
+        ppid[$pid]=${a[1]}
+    done
+    while ((changed)); do
+        changed=0
+        for pid in "${!ppid[@]}"; do
+            if [[ -z ${set[$pid]:-} && -n ${set[${ppid[$pid]}]:-} ]]; then
+                set[$pid]=1
+                changed=1
+                echo "$pid"
+            fi
+        done
+    done
+}
+
+cleanup() {
+    local rc=$? pid i all=() left
+    trap - EXIT INT TERM HUP
+    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
+        pid=${STARTED[i]}
+        kill -0 "$pid" 2>/dev/null || continue
+        all+=("$pid")
+        mapfile -t -O "${#all[@]}" all < <(descendants "$pid")
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for ((i = 0; i < 50; i++)); do # up to 5 s for a clean exit
+        left=0
+        for pid in "${all[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+        ((left)) || break
+        sleep 0.1
+    done
+    for pid in "${all[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            note "PID $pid (${STARTED_NAME[$pid]:-child}) still running; SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in "${STARTED[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [[ ${KEEP_TMP:-0} == 1 ]]; then
+        note "kept $T"
+    else
+        rm -rf "$T"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+start() { # NAME CMD...: run CMD in the background, output to $T/NAME.{out,err}
+    local name=$1
+    shift
+    "$@" >"$T/$name.out" 2>"$T/$name.err" &
+    STARTED+=("$!")
+    STARTED_NAME[$!]=$name
+    LAST_PID=$!
+}
+
+wait_ready() { # PID NAME unix:PATH|tcp:PORT: up to 10 s for a listener
+    local pid=$1 name=$2 what=$3 i
+    for ((i = 0; i < 100; i++)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            note "$name exited at start-up:"
+            sed 's/^/    /' "$T/$name.err" "$T/$name.out" >&2 2>/dev/null || true
+            return 1
+        fi
+        case $what in
+        unix:*) [[ -S ${what#unix:} ]] && return 0 ;;
+        tcp:*) [[ -n $(ss -Htln "sport = :${what#tcp:}") ]] && return 0 ;;
+        esac
+        sleep 0.1
+    done
+    note "$name not listening on $what after 10 s"
+    return 1
+}
+
+free_port() { # [PORT...]: a TCP port nobody uses, other than those given
+    local p i
+    for ((i = 0; i < 200; i++)); do
+        p=$((20000 + RANDOM % 40000))
+        if [[ -z $(ss -Htan "sport = :$p") && " $* " != *" $p "* ]]; then
+            echo "$p"
+            return 0
+        fi
+    done
+    die "no free port found"
+}
+
+tree_ticks() { # PID...: utime+stime (clock ticks) of those processes and all their descendants
+    local f line pid rest p total=0
+    local -A ppid=() ticks=() want=()
+    local -a a
+    for p in "$@"; do want[$p]=1; done
+    for f in /proc/[0-9]*/stat; do
+        read -r line 2>/dev/null <"$f" || continue
+        pid=${line%% *}
+        rest=${line##*) } # the command name may hold spaces and parentheses
+        read -ra a <<<"$rest"
+        ppid[$pid]=${a[1]}
+        ticks[$pid]=$((a[11] + a[12]))
+    done
+    for pid in "${!ticks[@]}"; do
+        p=$pid
+        while [[ -n $p && $p != 0 ]]; do
+            if [[ -n ${want[$p]:-} ]]; then
+                total=$((total + ticks[$pid]))
+                break
+            fi
+            p=${ppid[$p]:-}
+        done
+    done
+    echo "$total"
+}
+
+# ---------------------------------------------------------------------------
+# Document root, configs.
+
+mkdir -p "$T/www" "$T/nginx-tmp"
+printf 's = "Hello World"\nfunction handler() return s end\n' >"$T/www/hello.lua"
+printf '<?php echo "Hello World";' >"$T/www/hello.php"
+
+NGINX_PORT=$(free_port)
+LUA_TCP_PORT=$(free_port "$NGINX_PORT")
+
+USER_LINE=""
+if ((EUID == 0)); then
+    # nginx's workers would otherwise run as nobody, who cannot enter the 0700 temp dir.
+    USER_LINE="user $(id -un) $(id -gn);"
+fi
+
+# The usual fastcgi_params (SCRIPT_FILENAME and SCRIPT_NAME are set per location).
+cat >"$T/fastcgi_params" <<'EOF'
+fastcgi_param  QUERY_STRING       $query_string;
+fastcgi_param  REQUEST_METHOD     $request_method;
+fastcgi_param  CONTENT_TYPE       $content_type;
+fastcgi_param  CONTENT_LENGTH     $content_length;
+fastcgi_param  REQUEST_URI        $request_uri;
+fastcgi_param  DOCUMENT_URI       $document_uri;
+fastcgi_param  DOCUMENT_ROOT      $document_root;
+fastcgi_param  SERVER_PROTOCOL    $server_protocol;
+fastcgi_param  REQUEST_SCHEME     $scheme;
+fastcgi_param  GATEWAY_INTERFACE  CGI/1.1;
+fastcgi_param  SERVER_SOFTWARE    nginx/$nginx_version;
+fastcgi_param  REMOTE_ADDR        $remote_addr;
+fastcgi_param  REMOTE_PORT        $remote_port;
+fastcgi_param  SERVER_ADDR        $server_addr;
+fastcgi_param  SERVER_PORT        $server_port;
+fastcgi_param  SERVER_NAME        $server_name;
+fastcgi_param  REDIRECT_STATUS    200;
+EOF
+
+# Rows: name, URL path, the daemon that must be up (key into BACKEND_PID; "" = nginx alone).
+declare -a ROW_NAME=() ROW_PATH=() ROW_BACKEND=()
+add_row() { ROW_NAME+=("$1"); ROW_PATH+=("$2"); ROW_BACKEND+=("$3"); }
+add_row return /return ""
+add_row const /const const
+for n in $PHP_CHILDREN; do add_row "php-fpm/$n" "/php-$n/hello.php" "php-$n"; done
+add_row lua-unix /lua-unix/hello.lua luafcgid
+add_row lua-tcp /lua-tcp/hello.lua luafcgid
+add_row lua-unix+log /lua-log/hello.lua luafcgid-log
+
+{
+    cat <<EOF
+$USER_LINE
+worker_processes 1;
+daemon off;
+master_process on;
+pid $T/nginx.pid;
+error_log $T/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    default_type text/plain;
+    client_body_temp_path $T/nginx-tmp/client;
+    proxy_temp_path $T/nginx-tmp/proxy;
+    fastcgi_temp_path $T/nginx-tmp/fastcgi;
+    uwsgi_temp_path $T/nginx-tmp/uwsgi;
+    scgi_temp_path $T/nginx-tmp/scgi;
+    # wrk's connections and the upstream connections are never recycled mid-run.
+    keepalive_requests 1000000;
+
+    upstream const        { server unix:$T/const.sock;    keepalive 32; keepalive_requests 1000000; }
+    upstream lua_unix     { server unix:$T/lua.sock;      keepalive 32; keepalive_requests 1000000; }
+    upstream lua_tcp      { server 127.0.0.1:$LUA_TCP_PORT; keepalive 32; keepalive_requests 1000000; }
+    upstream lua_log      { server unix:$T/lua-log.sock;  keepalive 32; keepalive_requests 1000000; }
+EOF
+    for n in $PHP_CHILDREN; do
+        if ((PHP_KEEPALIVE)); then
+            echo "    upstream php_$n { server unix:$T/php-$n.sock; keepalive 32; keepalive_requests 1000000; }"
+        else
+            echo "    upstream php_$n { server unix:$T/php-$n.sock; }"
+        fi
+    done
+    cat <<EOF
+
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        server_name localhost;
+        root $T/www;
+
+        location = /return { return 200 "Hello World"; }
+
+        location = /const {
+            include $T/fastcgi_params;
+            fastcgi_param SCRIPT_FILENAME \$document_root/const;
+            fastcgi_param SCRIPT_NAME /const;
+            fastcgi_keep_conn on;
+            fastcgi_pass const;
+        }
+EOF
+    for pair in lua-unix:lua_unix lua-tcp:lua_tcp lua-log:lua_log; do
+        cat <<EOF
+        location ~ ^/${pair%%:*}(?<script>/[^/]+\.lua)\$ {
+            include $T/fastcgi_params;
+            fastcgi_param SCRIPT_FILENAME \$document_root\$script;
+            fastcgi_param SCRIPT_NAME \$script;
+            fastcgi_keep_conn on;
+            fastcgi_pass ${pair##*:};
+        }
+EOF
+    done
+    for n in $PHP_CHILDREN; do
+        cat <<EOF
+        location ~ ^/php-$n(?<script>/[^/]+\.php)\$ {
+            include $T/fastcgi_params;
+            fastcgi_param SCRIPT_FILENAME \$document_root\$script;
+            fastcgi_param SCRIPT_NAME \$script;
+            fastcgi_keep_conn $( ((PHP_KEEPALIVE)) && echo on || echo off);
+            fastcgi_pass php_$n;
+        }
+EOF
+    done
+    echo "    }"
+    echo "}"
+} >"$T/nginx.conf"
+
+for n in $PHP_CHILDREN; do
+    {
+        cat <<EOF
+[global]
+pid = $T/php-fpm-$n.pid
+error_log = $T/php-fpm-$n.log
+daemonize = no
+
+[bench$n]
+listen = $T/php-$n.sock
+listen.mode = 0600
+pm = static
+pm.max_children = $n
+EOF
+        if ((EUID == 0)); then
+            echo "user = $(id -un)"
+            echo "group = $(id -gn)"
+        fi
+    } >"$T/php-fpm-$n.conf"
+done
+
+# ---------------------------------------------------------------------------
+# Start everything.
+
+declare -A BACKEND_PID=()   # key -> PID (its descendants are counted too)
+declare -A BACKEND_ERR=()   # key -> why it is not there
+
+start const "$BIN/fcgi-const" --listen "$T/const.sock"
+BACKEND_PID[const]=$LAST_PID
+wait_ready "$LAST_PID" const "unix:$T/const.sock" || BACKEND_ERR[const]="fcgi-const did not start"
+
+PHP_ROOT_FLAG=()
+((EUID == 0)) && PHP_ROOT_FLAG=(-R)
+for n in $PHP_CHILDREN; do
+    start "php-$n" "$PHP_FPM" -F -y "$T/php-fpm-$n.conf" -p "$T" "${PHP_ROOT_FLAG[@]}"
+    BACKEND_PID[php-$n]=$LAST_PID
+    wait_ready "$LAST_PID" "php-$n" "unix:$T/php-$n.sock" || BACKEND_ERR[php-$n]="php-fpm did not start"
+done
+
+if ((LUAFCGID_OK)); then
+    # shellcheck disable=SC2086 # LUAFCGID_ARGS is a list of flags
+    start luafcgid "$BIN/luafcgid" serve --docroot "$T/www" --listen "$T/lua.sock" \
+        --listen "127.0.0.1:$LUA_TCP_PORT" --log /dev/null $LUAFCGID_ARGS
+    BACKEND_PID[luafcgid]=$LAST_PID
+    if ! wait_ready "$LAST_PID" luafcgid "unix:$T/lua.sock" ||
+        ! wait_ready "$LAST_PID" luafcgid "tcp:$LUA_TCP_PORT"; then
+        BACKEND_ERR[luafcgid]="luafcgid did not start"
+    fi
+    # shellcheck disable=SC2086
+    start luafcgid-log "$BIN/luafcgid" serve --docroot "$T/www" --listen "$T/lua-log.sock" \
+        --log "$T/audit.log" $LUAFCGID_ARGS
+    BACKEND_PID[luafcgid-log]=$LAST_PID
+    wait_ready "$LAST_PID" luafcgid-log "unix:$T/lua-log.sock" ||
+        BACKEND_ERR[luafcgid-log]="luafcgid (audit log) did not start"
+else
+    BACKEND_ERR[luafcgid]=$LUAFCGID_WHY
+    BACKEND_ERR[luafcgid-log]=$LUAFCGID_WHY
+fi
+
+nginx -t -q -p "$T/" -c "$T/nginx.conf" -e "$T/nginx-error.log" ||
+    die "nginx rejected $T/nginx.conf (see above)"
+start nginx nginx -p "$T/" -c "$T/nginx.conf" -e "$T/nginx-error.log"
+NGINX_PID=$LAST_PID
+wait_ready "$NGINX_PID" nginx "tcp:$NGINX_PORT" || die "nginx did not start"
+
+# ---------------------------------------------------------------------------
+# Check every row answers 200 "Hello World" once; a row that does not is not run.
+
+BASE="http://127.0.0.1:$NGINX_PORT"
+declare -A ROW_ERR=()
+for i in "${!ROW_NAME[@]}"; do
+    key=${ROW_BACKEND[i]}
+    if [[ -n $key && -n ${BACKEND_ERR[$key]:-} ]]; then
+        ROW_ERR[$i]=${BACKEND_ERR[$key]}
+        continue
+    fi
+    got=$(curl -sS -m 5 -o "$T/check.body" -w '%{http_code}' "$BASE${ROW_PATH[i]}" 2>&1) || true
+    body=$(head -c 200 "$T/check.body" 2>/dev/null || true)
+    if [[ $got != 200 || $body != "Hello World" ]]; then
+        ROW_ERR[$i]="check failed: HTTP $got, body '${body//$'\n'/ }'"
+    fi
+done
+
+# ---------------------------------------------------------------------------
+# Runs.
+
+to_us() { # wrk time ("254.00us", "1.23ms", "2.00s", "1.00m") -> microseconds
+    awk -v t="$1" 'BEGIN {
+        n = t + 0; u = t; sub(/^[0-9.]+/, "", u)
+        m = (u == "us") ? 1 : (u == "ms") ? 1e3 : (u == "s") ? 1e6 : (u == "m") ? 6e7 : (u == "h") ? 3.6e9 : -1
+        if (m < 0) print "nan"; else printf "%.1f", n * m
+    }'
+}
+
+# Results, keyed "row,conns": space-separated per-round values.
+declare -A R_RPS=() R_P50=() R_P99=() R_REQ=() R_BT=() R_NT=() R_BAD=() R_SOCK=() R_FAIL=()
+
+run_wrk() { # ROW CONNS SECONDS OUTFILE: wrk with a hard time bound
+    timeout -k 5 $(($3 + 30)) wrk -t1 -c"$2" -d"$3"s --latency "$BASE${ROW_PATH[$1]}" >"$4" 2>&1
+}
+
+measure() { # ROW CONNS ROUND
+    local i=$1 c=$2 r=$3 key=${ROW_BACKEND[$1]} out="$T/wrk-$1-$2-$3.txt"
+    local bpid="" b0=0 b1=0 n0 n1 rc=0 parsed req rps p50 p99 bad sock avg busy fail="" bus nus
+    [[ -n $key ]] && bpid=${BACKEND_PID[$key]}
+    [[ -n $bpid ]] && b0=$(tree_ticks "$bpid")
+    n0=$(tree_ticks "$NGINX_PID")
+    run_wrk "$i" "$c" "$DURATION" "$out" || rc=$?
+    n1=$(tree_ticks "$NGINX_PID")
+    [[ -n $bpid ]] && b1=$(tree_ticks "$bpid")
+    parsed=$(awk '
+        / requests in /            { req = $1 }
+        /^Requests\/sec:/          { rps = $2 }
+        /^ +Latency +[0-9]/        { avg = $2 }
+        /^ +50% /                  { p50 = $2 }
+        /^ +99% /                  { p99 = $2 }
+        /Non-2xx or 3xx responses/ { bad = $NF }
+        /Socket errors:/           { gsub(/,/, ""); sock = $4 + $6 + $8 + $10 }
+        END { printf "%s %s %s %s %d %d %s\n", req + 0, (rps == "" ? 0 : rps), (p50 == "" ? "-" : p50), (p99 == "" ? "-" : p99), bad, sock, (avg == "" ? "-" : avg) }
+    ' "$out")
+    read -r req rps p50 p99 bad sock avg <<<"$parsed"
+    ((rc == 0)) || fail="wrk exit $rc"
+    ((req > 0)) || fail="${fail:+$fail, }no requests"
+    ((bad == 0)) || fail="${fail:+$fail, }$bad non-2xx/3xx"
+    ((sock == 0)) || fail="${fail:+$fail, }$sock socket errors"
+    if ((c > 1)) && [[ $avg != - ]]; then
+        # Little's law: connections busy on average = throughput x mean latency.
+        busy=$(awk -v r="$rps" -v a="$(to_us "$avg")" 'BEGIN { printf "%.1f", r * a / 1e6 }')
+        if awk -v b="$busy" -v c="$c" 'BEGIN { exit !(b < c / 2) }'; then
+            fail="${fail:+$fail, }stalled: only ~$busy of $c connections busy"
+        fi
+    fi
+    [[ $p50 == - ]] || p50=$(to_us "$p50")
+    [[ $p99 == - ]] || p99=$(to_us "$p99")
+    local k="$i,$c"
+    R_RPS[$k]+="$rps "
+    R_P50[$k]+="$p50 "
+    R_P99[$k]+="$p99 "
+    R_REQ[$k]+="$req "
+    R_BT[$k]+="$((b1 - b0)) "
+    R_NT[$k]+="$((n1 - n0)) "
+    R_BAD[$k]=$((${R_BAD[$k]:-0} + bad))
+    R_SOCK[$k]=$((${R_SOCK[$k]:-0} + sock))
+    [[ -z $fail ]] || R_FAIL[$k]="${R_FAIL[$k]:+${R_FAIL[$k]}; }round $r: $fail"
+    bus=$(awk -v t=$((b1 - b0)) -v n="$req" -v hz="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-" }')
+    nus=$(awk -v t=$((n1 - n0)) -v n="$req" -v hz="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-" }')
+    [[ -n $key ]] || bus="-"
+    printf 'round %d/%d  %-13s c=%-3s %9s req/s  p50 %8s us  p99 %8s us  backend %6s us/req  nginx %6s us/req%s\n' \
+        "$r" "$ROUNDS" "${ROW_NAME[i]}" "$c" "$rps" "$p50" "$p99" "$bus" "$nus" "${fail:+  FAIL: $fail}" >&2
+    if [[ -n $fail ]]; then
+        sed 's/^/    | /' "$out" >&2
+    fi
+}
+
+START_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+nrows=0
+for i in "${!ROW_NAME[@]}"; do [[ -z ${ROW_ERR[$i]:-} ]] && nrows=$((nrows + 1)); done
+nconns=$(wc -w <<<"$CONNS")
+est=$((nrows * (nconns * ROUNDS * DURATION + WARMUP)))
+echo "bench-nginx: $(nproc) CPUs, load $START_LOAD; $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2), ${PHP_FPM:+$("$PHP_FPM" -v | head -n 1 | cut -d' ' -f1-2)}" >&2
+echo "bench-nginx: DURATION=$DURATION ROUNDS=$ROUNDS WARMUP=$WARMUP CONNS='$CONNS' PHP_CHILDREN='$PHP_CHILDREN'; $nrows rows, about ${est}s of load; temp dir $T" >&2
+
+if ((WARMUP > 0)); then
+    for i in "${!ROW_NAME[@]}"; do
+        [[ -z ${ROW_ERR[$i]:-} ]] || continue
+        run_wrk "$i" 50 "$WARMUP" "$T/warmup-$i.txt" || true
+    done
+fi
+
+for ((r = 1; r <= ROUNDS; r++)); do
+    for i in "${!ROW_NAME[@]}"; do
+        [[ -z ${ROW_ERR[$i]:-} ]] || continue
+        for c in $CONNS; do measure "$i" "$c" "$r"; done
+    done
+done
+END_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---------------------------------------------------------------------------
+# Summary: per row and connection count, req/s is the best round (min-max over
+# rounds beside it), p50/p99 come from that best round, CPU per request is the
+# total over all rounds divided by all requests.
+
+declare -A BEST=() BEST_AT=()
+for k in "${!R_RPS[@]}"; do
+    read -r best at <<<"$(tr ' ' '\n' <<<"${R_RPS[$k]}" | awk 'NF { n++; if ($1 > b || n == 1) { b = $1; at = n } } END { print b, at }')"
+    BEST[$k]=$best
+    BEST_AT[$k]=$at
+done
+
+nth() { awk -v n="$2" '{ print $n }' <<<"$1"; }
+sum() { tr ' ' '\n' <<<"$1" | awk 'NF { s += $1 } END { print s + 0 }'; }
+fmt_us() { # microseconds -> "254us" / "1.23ms"
+    awk -v v="$1" 'BEGIN { if (v == "-" || v == "nan") print "-"; else if (v < 1000) printf "%.0fus\n", v; else if (v < 1e6) printf "%.2fms\n", v / 1e3; else printf "%.2fs\n", v / 1e6 }'
+}
+
+FAILED=0
+print_table() {
+    echo
+    echo "nginx 1 worker, wrk -t1 -d${DURATION}s --latency, ${ROUNDS} round(s); req/s best of rounds [min-max]; CPU = utime+stime per request (all rounds)"
+    printf '%-13s %5s %9s %-17s %8s %8s %11s %11s %9s %9s  %s\n' \
+        row conns req/s "[min-max]" p50 p99 "backend us" "nginx us" "/return" "/php-best" status
+    for c in $CONNS; do
+        ret_rps=""
+        php_best=""
+        php_best_name=""
+        for i in "${!ROW_NAME[@]}"; do
+            k="$i,$c"
+            [[ -z ${ROW_ERR[$i]:-} && -z ${R_FAIL[$k]:-} && -n ${BEST[$k]:-} ]] || continue
+            [[ ${ROW_NAME[i]} == return ]] && ret_rps=${BEST[$k]}
+            if [[ ${ROW_NAME[i]} == php-fpm/* ]]; then
+                if awk -v a="${php_best:-0}" -v b="${BEST[$k]}" 'BEGIN { exit !(b > a) }'; then
+                    php_best=${BEST[$k]}
+                    php_best_name=${ROW_NAME[i]}
+                fi
+            fi
+        done
+        for i in "${!ROW_NAME[@]}"; do
+            k="$i,$c"
+            name=${ROW_NAME[i]}
+            if [[ -n ${ROW_ERR[$i]:-} ]]; then
+                printf '%-13s %5s %9s %-17s %8s %8s %11s %11s %9s %9s  FAIL: %s\n' \
+                    "$name" "$c" - - - - - - - - "${ROW_ERR[$i]}"
+                FAILED=1
+                continue
+            fi
+            at=${BEST_AT[$k]}
+            rps=${BEST[$k]}
+            range=$(tr ' ' '\n' <<<"${R_RPS[$k]}" | awk 'NF { if (n++ == 0 || $1 < lo) lo = $1; if ($1 > hi) hi = $1 } END { printf "[%.0f-%.0f]", lo, hi }')
+            p50=$(fmt_us "$(nth "${R_P50[$k]}" "$at")")
+            p99=$(fmt_us "$(nth "${R_P99[$k]}" "$at")")
+            reqs=$(sum "${R_REQ[$k]}")
+            bus=$(awk -v t="$(sum "${R_BT[$k]}")" -v n="$reqs" -v hz="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-" }')
+            [[ -n ${ROW_BACKEND[i]} ]] || bus="-"
+            nus=$(awk -v t="$(sum "${R_NT[$k]}")" -v n="$reqs" -v hz="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-" }')
+            vr=$(awk -v a="$rps" -v b="$ret_rps" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
+            vp=$(awk -v a="$rps" -v b="$php_best" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
+            status=ok
+            if [[ -n ${R_FAIL[$k]:-} ]]; then
+                status="FAIL: ${R_FAIL[$k]}"
+                FAILED=1
+            fi
+            [[ $name == "${php_best_name:-}" && -n $php_best ]] && status="$status (php-fpm best)"
+            printf '%-13s %5s %9.0f %-17s %8s %8s %11s %11s %9s %9s  %s\n' \
+                "$name" "$c" "$rps" "$range" "$p50" "$p99" "$bus" "$nus" "$vr" "$vp" "$status"
+        done
+    done
+    echo "us = microseconds; /return and /php-best: req/s over that row's at the same connection count."
+    echo "$(nproc) CPUs; load average before the runs: $START_LOAD, after: $END_LOAD"
+}
+
+
+# ---------------------------------------------------------------------------
+# Diagnostics: anything the daemons complained about.
+
+print_diagnostics() {
+    echo
+    n=$(grep -cE '\[(error|crit|alert|emerg)\]' "$T/nginx-error.log" 2>/dev/null || true)
+    echo "nginx error log: ${n:-0} error lines"
+    grep -E '\[(error|crit|alert|emerg)\]' "$T/nginx-error.log" 2>/dev/null | head -n 5 | sed 's/^/    /' || true
+    for n in $PHP_CHILDREN; do
+        w=$(grep -ciE 'warning|error' "$T/php-fpm-$n.log" 2>/dev/null || true)
+        echo "php-fpm/$n log: ${w:-0} warning/error lines"
+        grep -iE 'warning|error' "$T/php-fpm-$n.log" 2>/dev/null | head -n 5 | sed 's/^/    /' || true
+    done
+    for name in const luafcgid luafcgid-log; do
+        [[ -f $T/$name.err ]] || continue
+        # Anything above INFO (luafcgid colours its stderr even into a file).
+        msgs=$(sed 's/\x1b\[[0-9;]*m//g' "$T/$name.err" | grep -iE 'warn|error|panic|fatal' || true)
+        if [[ -n $msgs ]]; then
+            echo "$name stderr: $(wc -l <<<"$msgs") warning/error lines (first 10):"
+            head -n 10 <<<"$msgs" | sed 's/^/    /'
+        else
+            echo "$name stderr: no warnings or errors"
+        fi
+        if [[ -n ${BACKEND_PID[$name]:-} ]] && ! kill -0 "${BACKEND_PID[$name]}" 2>/dev/null; then
+            echo "$name DIED during the run"
+            FAILED=1
+        fi
+    done
+    if [[ -f $T/audit.log ]]; then
+        sleep 0.5 # let the audit writer flush
+        lines=$(grep -c '"event":"request"' "$T/audit.log" || true)
+        i_log=""
+        for i in "${!ROW_NAME[@]}"; do [[ ${ROW_NAME[i]} == lua-unix+log ]] && i_log=$i; done
+        measured=0
+        for c in $CONNS; do measured=$((measured + $(sum "${R_REQ[$i_log,$c]:-}"))); done
+        warm=0
+        [[ -f $T/warmup-$i_log.txt ]] && warm=$(awk '/ requests in / { print $1 }' "$T/warmup-$i_log.txt")
+        echo "audit log (lua-unix+log): ${lines:-0} request lines; wrk completed $measured measured + ${warm:-0} warm-up requests, plus 1 check"
+        echo "audit log outcomes: $(grep '"event":"request"' "$T/audit.log" | grep -o '"outcome":"[^"]*"' | sort | uniq -c |
+            awk '{ sub(/"outcome":/, "", $2); printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $2 }')"
+        odd=$(grep '"event":"request"' "$T/audit.log" | grep -v '"status":200' | head -n 1 || true)
+        [[ -z $odd ]] || echo "    e.g. $odd"
+        other=$(grep -v '"event":"request"' "$T/audit.log" | head -n 5 || true)
+        if [[ -n $other ]]; then
+            echo "audit log, other events (first 5):"
+            sed 's/^/    /' <<<"$other"
+        fi
+    fi
+}
+
+print_diagnostics >&2
+print_table
+
+exit "$FAILED"
