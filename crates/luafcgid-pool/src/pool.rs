@@ -82,6 +82,9 @@ pub struct PoolStats {
     pub evicted: u64,
 }
 
+/// A file a script's states depend on, with its stamp when they were built.
+type WatchedFile = (PathBuf, Option<FileStamp>);
+
 struct Idle<S> {
     state: S,
     created: Instant,
@@ -92,7 +95,7 @@ struct Entry<S> {
     leased: usize,
     generation: u64,
     stamp: Option<FileStamp>,
-    files: Vec<(PathBuf, Option<FileStamp>)>,
+    files: Vec<WatchedFile>,
     score: f64,
     scored_at: Instant,
     admission: Arc<Semaphore>,
@@ -382,7 +385,7 @@ impl<S: Pooled> StatePool<S> {
     /// in flight and little popularity left. Returns the scripts retired.
     pub fn sweep(&self) -> Vec<ScriptKey> {
         let now = Instant::now();
-        let checks: Vec<(ScriptKey, u64, Vec<(PathBuf, Option<FileStamp>)>)> = {
+        let checks: Vec<(ScriptKey, u64, Vec<WatchedFile>)> = {
             let inner = self.lock();
             inner
                 .entries

@@ -47,6 +47,7 @@ fn bench(name: &str, src: &str, iterations: u32) {
         body: b"",
         vars: &vars,
         abort: &abort,
+        client: None,
     };
     for _ in 0..1000 {
         state.handle(&input, &limits).result.unwrap();

@@ -80,6 +80,20 @@ pub struct StateOptions {
     pub init: Limits,
 }
 
+/// A cheap, non-blocking check the hook makes (at most about once a millisecond while Lua
+/// runs) of whether the client is still there, for front ends that cannot set
+/// [`RequestInput::abort`] while Lua runs on their own thread.
+pub trait ClientProbe: Sync {
+    /// True when the client has gone away.
+    fn gone(&self) -> bool;
+}
+
+impl std::fmt::Debug for dyn ClientProbe + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientProbe")
+    }
+}
+
 /// One request as the script sees it. Everything is fully assembled before Lua runs.
 #[derive(Debug)]
 pub struct RequestInput<'a> {
@@ -92,6 +106,8 @@ pub struct RequestInput<'a> {
     /// Set by the front end when the client went away: Lua stops at its next hook (within
     /// about a millisecond of running Lua code) and the request ends as [`Failure::Aborted`].
     pub abort: &'a AtomicBool,
+    /// Asked along with `abort`; when it answers true, `abort` is set and Lua stops.
+    pub client: Option<&'a dyn ClientProbe>,
 }
 
 /// What a request (or a load) cost and how it ended.

@@ -189,7 +189,13 @@ pub(crate) fn input(
     name: Option<mlua::LuaString>,
 ) -> mlua::Result<Value> {
     match op {
-        OP_ABORT => Ok(Value::Boolean(req.abort.load(Relaxed))),
+        OP_ABORT => {
+            let gone = req.abort.load(Relaxed) || req.client.is_some_and(|c| c.gone());
+            if gone {
+                req.abort.store(true, Relaxed);
+            }
+            Ok(Value::Boolean(gone))
+        }
         OP_BODY if req.body.is_empty() => Ok(Value::Nil),
         OP_BODY => Ok(Value::String(lua.create_string(req.body)?)),
         OP_CONFIG => {
@@ -339,9 +345,13 @@ impl UserData for RequestObject {
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("puts", |lua, _, value: Value| {
+        // `puts` takes several arguments too, as scripts for the original often pass them.
+        methods.add_method("puts", |lua, _, values: Variadic<Value>| {
             with_ctx(lua, |ctx| ctx.budget.check())?;
-            append_value(lua, &value, "r:puts")
+            for value in values.iter() {
+                append_value(lua, value, "r:puts")?;
+            }
+            Ok(())
         });
         methods.add_method("write", |lua, _, values: Variadic<Value>| {
             with_ctx(lua, |ctx| ctx.budget.check())?;

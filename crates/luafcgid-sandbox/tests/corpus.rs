@@ -81,6 +81,7 @@ fn run(script: &Path, root: &Path) -> (String, String) {
             body: b"",
             vars: &[],
             abort: &abort,
+            client: None,
         };
         state.handle(&input, &limits()).result
     });

@@ -17,11 +17,14 @@ use std::time::Instant;
 use fastcgi_protocol::{
     encode_end_request, encode_get_values_result, encode_unknown_type, Decoder, Event, Status,
 };
+use luafcgid_sandbox::ClientProbe;
+use std::os::fd::AsRawFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as TokioInstant};
 
 use crate::dispatch::{dispatch, Framing, Incoming, Reply};
+use crate::probe::SocketProbe;
 use crate::resolve::{Refusal, Script};
 use crate::server::Shared;
 
@@ -56,7 +59,7 @@ fn get_values(shared: &Shared, names: &[Vec<u8>], out: &mut Vec<u8>) {
 /// Serves one FastCGI connection until it closes.
 pub async fn serve<S>(mut stream: S, peer: Arc<str>, shared: Arc<Shared>)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + AsRawFd + Unpin,
 {
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let mut decoder = Decoder::new(shared.limits.clone());
@@ -122,7 +125,12 @@ where
                                 abort,
                                 received: Instant::now(),
                             };
-                            if let Some(reply) = dispatch(&shared, inc, answer, &tx) {
+                            // Run at once on this thread only when the connection has
+                            // nothing else pending, so no other request waits behind it.
+                            let probe = SocketProbe::new(stream.as_raw_fd(), Some(id));
+                            let alone = in_flight.len() == 1 && start == inbuf.len();
+                            let inline = alone.then_some(&probe as &dyn ClientProbe);
+                            if let Some(reply) = dispatch(&shared, inc, answer, &tx, inline) {
                                 if let Framing::FastCgi { id } = reply.framing {
                                     in_flight.remove(&id);
                                     decoder.finish(id);
@@ -174,9 +182,6 @@ where
         }
         if closing && in_flight.is_empty() {
             break;
-        }
-        if closing {
-            // Stop reading; wait for the replies still due.
         }
         let assembling = decoder.assembling();
         let deadline = if assembling {

@@ -21,7 +21,7 @@ use std::time::Instant;
 use fastcgi_protocol::{encode_end_request, encode_response, Params, ProtocolStatus};
 use luafcgid_policy::Policy;
 use luafcgid_pool::Retire;
-use luafcgid_sandbox::{Failure, Limits, RequestInput, ScriptState, StateOptions};
+use luafcgid_sandbox::{ClientProbe, Failure, Limits, RequestInput, ScriptState, StateOptions};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::audit::{timestamp, truncate, RequestEvent};
@@ -168,13 +168,15 @@ pub fn answer_early(
 const SHED_RETRY_AFTER: u64 = 1;
 
 /// Runs a request: answers it early when it cannot run, runs it at once on this thread
-/// when a state and a Lua slot are free, else queues it. Returns the reply when it is
-/// ready now; a queued request's reply arrives later on `tx`.
+/// when `inline` is given (the caller's connection has nothing else to do meanwhile; the
+/// probe watches its socket) and a state and a Lua slot are free, else queues it. Returns
+/// the reply when it is ready now; a queued request's reply arrives later on `tx`.
 pub fn dispatch(
     shared: &Arc<Shared>,
     inc: Incoming,
     resolved: Result<Arc<Script>, Refusal>,
     tx: &ReplyTx,
+    inline: Option<&dyn ClientProbe>,
 ) -> Option<Reply> {
     let script = match resolved {
         Ok(s) => s,
@@ -199,11 +201,13 @@ pub fn dispatch(
         ));
     }
     let admission = shared.pool.admission(&script.key, policy.clones);
-    if let Ok(clone) = admission.clone().try_acquire_owned() {
-        if let Ok(slot) = shared.lua_slots.clone().try_acquire_owned() {
-            let reply = run(shared, &inc, &script, &policy);
-            drop((slot, clone));
-            return Some(reply);
+    if let Some(probe) = inline {
+        if let Ok(clone) = admission.clone().try_acquire_owned() {
+            if let Ok(slot) = shared.lua_slots.clone().try_acquire_owned() {
+                let reply = run(shared, &inc, &script, &policy, Some(probe));
+                drop((slot, clone));
+                return Some(reply);
+            }
         }
     }
     if shared.waiting.fetch_add(1, Ordering::Relaxed) >= shared.config.queue_max {
@@ -229,7 +233,7 @@ pub fn dispatch(
         shared.waiting.fetch_sub(1, Ordering::Relaxed);
         let reply = match permits {
             Ok(Some(permits)) => {
-                let reply = run(&shared, &inc, &script, &policy);
+                let reply = run(&shared, &inc, &script, &policy, None);
                 drop(permits);
                 reply
             }
@@ -264,7 +268,13 @@ pub fn state_options(script: &Script, policy: &Policy) -> StateOptions {
     }
 }
 
-fn run(shared: &Shared, inc: &Incoming, script: &Script, policy: &Policy) -> Reply {
+fn run(
+    shared: &Shared,
+    inc: &Incoming,
+    script: &Script,
+    policy: &Policy,
+    client: Option<&dyn ClientProbe>,
+) -> Reply {
     let request_id = shared.ids.next_id();
     let head = is_head(&inc.params);
     let limits = Limits {
@@ -297,6 +307,7 @@ fn run(shared: &Shared, inc: &Incoming, script: &Script, policy: &Policy) -> Rep
                     body: &inc.body,
                     vars: &policy.vars,
                     abort: &inc.abort,
+                    client,
                 };
                 let report = lease.state().handle(&input, &limits);
                 instructions = Some(report.instructions);

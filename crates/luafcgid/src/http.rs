@@ -14,7 +14,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::dispatch::{dispatch, Framing, Incoming};
+use crate::probe::SocketProbe;
 use crate::server::Shared;
+use luafcgid_sandbox::ClientProbe;
+use std::os::fd::AsRawFd;
 
 /// Longest request head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -185,7 +188,9 @@ async fn serve(
             abort: abort.clone(),
             received,
         };
-        let reply = if let Some(reply) = dispatch(&shared, inc, script, &tx) {
+        let probe = SocketProbe::new(stream.as_raw_fd(), None);
+        let inline = buf.is_empty().then_some(&probe as &dyn ClientProbe);
+        let reply = if let Some(reply) = dispatch(&shared, inc, script, &tx, inline) {
             Some(reply)
         } else {
             tokio::select! {

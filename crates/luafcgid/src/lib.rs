@@ -14,6 +14,7 @@ pub mod conn;
 pub mod dispatch;
 pub mod http;
 pub mod outcome;
+pub mod probe;
 pub mod render;
 pub mod request_id;
 pub mod resolve;

@@ -56,13 +56,16 @@ struct Root {
 
 type Answer = Result<Arc<Script>, Refusal>;
 
+/// Cached answers by claimed path, with when they were found.
+type AnswerCache = HashMap<Box<[u8]>, (Answer, Instant)>;
+
 /// Resolves and caches script paths.
 #[derive(Debug)]
 pub struct Resolver {
     roots: Vec<Root>,
     extensions: Vec<String>,
     ttl: Duration,
-    cache: Mutex<HashMap<Box<[u8]>, (Answer, Instant)>>,
+    cache: Mutex<AnswerCache>,
 }
 
 /// Strips Apache mod_proxy_fcgi's `proxy:fcgi://host[:port]` prefix.

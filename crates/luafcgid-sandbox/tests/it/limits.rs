@@ -227,3 +227,40 @@ fn report_counts_instructions_and_memory() {
     assert!(report.memory >= 1 << 20, "{}", report.memory);
     assert_eq!(body(report), "100000");
 }
+
+struct GoneAfter(std::sync::atomic::AtomicU32);
+
+impl luafcgid_sandbox::ClientProbe for GoneAfter {
+    fn gone(&self) -> bool {
+        self.0.fetch_sub(1, Ordering::Relaxed) <= 1
+    }
+}
+
+#[test]
+fn client_probe_stops_a_running_request() {
+    let mut s = load("function handler() while true do end end");
+    let req = Req::default();
+    let probe = GoneAfter(std::sync::atomic::AtomicU32::new(5));
+    let params: Vec<(&[u8], &[u8])> = Vec::new();
+    let input = luafcgid_sandbox::RequestInput {
+        params: &params,
+        body: b"",
+        vars: &[],
+        abort: &req.abort,
+        client: Some(&probe),
+    };
+    let limits = Limits {
+        instructions: 0,
+        timeout: Duration::from_secs(10),
+        output: 0,
+    };
+    let start = Instant::now();
+    let report = s.state.handle(&input, &limits);
+    assert!(
+        matches!(report.result, Err(Failure::Aborted)),
+        "{:?}",
+        report.result
+    );
+    assert!(start.elapsed() < Duration::from_millis(500));
+    assert!(req.abort.load(Ordering::Relaxed), "the flag records it");
+}

@@ -119,6 +119,7 @@ impl Req {
             body: &self.body,
             vars: &self.vars,
             abort: &self.abort,
+            client: None,
         };
         state.handle(&input, limits)
     }

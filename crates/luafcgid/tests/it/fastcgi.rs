@@ -5,7 +5,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use fastcgi_protocol::client::{
-    encode_abort, encode_begin_request, encode_get_values, encode_params, encode_stdin, Reply,
+    encode_abort, encode_begin_request, encode_get_values, encode_params, Reply,
 };
 use fastcgi_protocol::{encode_record, record_type, FLAG_KEEP_CONN, ROLE_RESPONDER};
 

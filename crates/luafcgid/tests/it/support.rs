@@ -65,7 +65,8 @@ impl Daemon {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(luafcgid::server::runtime_threads(2))
+                .thread_stack_size(luafcgid::server::THREAD_STACK)
                 .enable_all()
                 .build()
                 .unwrap();

@@ -1,0 +1,116 @@
+//! Whether a client is still there, asked from inside Lua's hook while a request runs on the
+//! thread that owns its connection (so the connection task cannot watch the socket).
+//!
+//! A non-blocking `poll` says whether the peer hung up; for FastCGI, bytes waiting on the
+//! socket are peeked (never consumed) and scanned for an `FCGI_ABORT_REQUEST` of the running
+//! request. The scan starts at a record boundary because requests only run inline when
+//! nothing else was buffered after them. This is the only module with `unsafe` in the
+//! daemon: two libc calls on a descriptor the caller keeps open for the whole check.
+#![allow(unsafe_code)]
+
+use std::os::fd::RawFd;
+
+use fastcgi_protocol::{parse_header, record_type, Status};
+use luafcgid_sandbox::ClientProbe;
+
+/// Most bytes peeked when looking for an abort.
+const PEEK_BYTES: usize = 4096;
+
+/// Watches one connection's socket.
+#[derive(Debug)]
+pub struct SocketProbe {
+    fd: RawFd,
+    /// The FastCGI request id to look for an abort of; `None` for HTTP.
+    request_id: Option<u16>,
+}
+
+impl SocketProbe {
+    /// A probe of `fd`, which must stay open while the probe is used.
+    pub fn new(fd: RawFd, request_id: Option<u16>) -> SocketProbe {
+        SocketProbe { fd, request_id }
+    }
+}
+
+impl ClientProbe for SocketProbe {
+    fn gone(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call; timeout 0 never blocks.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n <= 0 {
+            return false;
+        }
+        if pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            return true;
+        }
+        if pfd.revents & libc::POLLIN == 0 {
+            return false;
+        }
+        let mut buf = [0u8; PEEK_BYTES];
+        // SAFETY: `buf` is writable for its whole length; MSG_PEEK leaves the bytes queued
+        // and MSG_DONTWAIT never blocks.
+        let got = unsafe {
+            libc::recv(
+                self.fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match got {
+            0 => true,
+            n if n < 0 => false,
+            n => match self.request_id {
+                Some(id) => has_abort(&buf[..n as usize], id),
+                None => false,
+            },
+        }
+    }
+}
+
+/// Whether `bytes`, starting at a record boundary, hold an ABORT_REQUEST for `id`.
+pub fn has_abort(bytes: &[u8], id: u16) -> bool {
+    let mut at = 0;
+    while let Status::Complete(h) = parse_header(&bytes[at..]) {
+        if h.kind == record_type::ABORT_REQUEST && h.request_id == id {
+            return true;
+        }
+        at += h.record_len();
+        if at >= bytes.len() {
+            break;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fastcgi_protocol::client::{encode_abort, encode_get_values};
+
+    #[test]
+    fn finds_an_abort_behind_other_records() {
+        let mut b = Vec::new();
+        encode_get_values(&[b"FCGI_MAX_CONNS"], &mut b);
+        encode_abort(7, &mut b);
+        assert!(has_abort(&b, 7));
+        assert!(!has_abort(&b, 8));
+        assert!(
+            !has_abort(&b[..b.len() - 3], 7),
+            "a cut header is not an abort"
+        );
+    }
+
+    #[test]
+    fn hang_up_is_seen() {
+        use std::os::fd::AsRawFd;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let probe = SocketProbe::new(a.as_raw_fd(), Some(1));
+        assert!(!probe.gone());
+        drop(b);
+        assert!(probe.gone());
+    }
+}
