@@ -422,9 +422,11 @@ impl<S: Pooled> StatePool<S> {
             }
             let half_life = self.half_life;
             inner.entries.retain(|_, e| {
+                // Only the entry holds its semaphore: no request is between admission and
+                // checkin, so forgetting it cannot hand a second semaphore to the script.
                 let forgotten = e.idle.is_empty()
                     && e.leased == 0
-                    && e.admission.available_permits() == e.clones as usize
+                    && Arc::strong_count(&e.admission) == 1
                     && e.popularity(now, half_life) < 0.01;
                 !forgotten
             });
@@ -592,6 +594,19 @@ mod tests {
     }
 
     #[test]
+    fn old_states_are_retired() {
+        let pool = StatePool::new(4, Duration::from_secs(60));
+        let k = key("/a.lua");
+        let l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
+        pool.checkin(l, Retire::Keep, 0, Duration::from_secs(3600));
+        assert_eq!(pool.idle_states(&k), 1, "young enough");
+        let l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        pool.checkin(l, Retire::Keep, 0, Duration::from_millis(10));
+        assert_eq!(pool.idle_states(&k), 0, "older than state_max_age");
+    }
+
+    #[test]
     fn sweep_retires_states_of_changed_files() {
         let dir = std::env::temp_dir().join(format!("pool-sweep-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -608,6 +623,24 @@ mod tests {
         assert_eq!(pool.sweep(), vec![k.clone()]);
         assert_eq!(pool.idle_states(&k), 0);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sweep_keeps_an_admission_in_use() {
+        let pool: StatePool<Fake> = StatePool::new(4, Duration::from_secs(60));
+        let k = key("/a.lua");
+        let sem = pool.admission(&k, 1);
+        let _permit = sem.clone().try_acquire_owned().unwrap();
+        pool.sweep();
+        let again = pool.admission(&k, 1);
+        assert!(
+            Arc::ptr_eq(&sem, &again),
+            "a request holds it: it must survive the sweep"
+        );
+        assert!(again.try_acquire().is_err(), "the clone is taken");
+        drop((sem, again, _permit));
+        pool.sweep();
+        assert_eq!(pool.stats().scripts, 0, "unused, it is forgotten");
     }
 
     #[test]

@@ -15,6 +15,10 @@ use serde::Serialize;
 /// Lines that may wait for the writer.
 pub const AUDIT_QUEUE_LINES: usize = 65_536;
 
+/// After writing a batch the writer rests this long, so that under load lines are written
+/// in batches and queueing a line rarely has to wake the writer thread.
+pub const AUDIT_BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Longest script-controlled text kept in a log field, in bytes.
 pub const AUDIT_TEXT_MAX: usize = 4096;
 
@@ -181,6 +185,7 @@ fn write_lines(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>, dropped: Arc<A
             reported = now;
         }
         let _ = out.flush();
+        std::thread::sleep(AUDIT_BATCH_PAUSE);
     }
     let _ = out.flush();
 }

@@ -26,6 +26,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::audit::{timestamp, truncate, RequestEvent};
 use crate::outcome::Outcome;
+use crate::probe::SocketProbe;
 use crate::render::{error_page, render};
 use crate::resolve::{Refusal, Script};
 use crate::server::Shared;
@@ -233,7 +234,8 @@ pub fn dispatch(
         shared.waiting.fetch_sub(1, Ordering::Relaxed);
         let reply = match permits {
             Ok(Some(permits)) => {
-                let reply = run(&shared, &inc, &script, &policy, None);
+                let probe = SocketProbe::runtime_only();
+                let reply = run(&shared, &inc, &script, &policy, Some(&probe));
                 drop(permits);
                 reply
             }

@@ -1,5 +1,12 @@
-//! Whether a client is still there, asked from inside Lua's hook while a request runs on the
-//! thread that owns its connection (so the connection task cannot watch the socket).
+//! Whether a client is still there, asked from inside Lua's hook while a request runs on a
+//! runtime thread (so the connection task cannot watch the socket), and the one thing a
+//! long run must do for the runtime.
+//!
+//! The runtime polls its IO driver only from an idle thread; a thread that took the driver's
+//! last events and then runs Lua leaves the other threads asleep, so no connection would be
+//! served until it returns. The first time the hook asks (after about a millisecond of Lua),
+//! the probe spawns two empty tasks on this thread, which makes the runtime wake an idle
+//! thread; that thread takes over the driver. Requests that finish sooner never pay for it.
 //!
 //! A non-blocking `poll` says whether the peer hung up; for FastCGI, bytes waiting on the
 //! socket are peeked (never consumed) and scanned for an `FCGI_ABORT_REQUEST` of the running
@@ -9,6 +16,7 @@
 #![allow(unsafe_code)]
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use fastcgi_protocol::{parse_header, record_type, Status};
 use luafcgid_sandbox::ClientProbe;
@@ -16,25 +24,56 @@ use luafcgid_sandbox::ClientProbe;
 /// Most bytes peeked when looking for an abort.
 const PEEK_BYTES: usize = 4096;
 
-/// Watches one connection's socket.
+/// Watches one connection's socket (if any) during one run.
 #[derive(Debug)]
 pub struct SocketProbe {
-    fd: RawFd,
+    fd: Option<RawFd>,
     /// The FastCGI request id to look for an abort of; `None` for HTTP.
     request_id: Option<u16>,
+    handed_off: AtomicBool,
 }
 
 impl SocketProbe {
     /// A probe of `fd`, which must stay open while the probe is used.
     pub fn new(fd: RawFd, request_id: Option<u16>) -> SocketProbe {
-        SocketProbe { fd, request_id }
+        SocketProbe {
+            fd: Some(fd),
+            request_id,
+            handed_off: AtomicBool::new(false),
+        }
+    }
+
+    /// A probe that watches no socket (the connection task watches it) and only hands the
+    /// runtime's driver off during long runs.
+    pub fn runtime_only() -> SocketProbe {
+        SocketProbe {
+            fd: None,
+            request_id: None,
+            handed_off: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Makes the runtime wake an idle thread: the second task spawned on a busy thread
+/// displaces the first from the thread's next-task slot into its stealable queue, and the
+/// runtime notifies an idle thread to steal it.
+fn wake_an_idle_thread() {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async {});
+        handle.spawn(async {});
     }
 }
 
 impl ClientProbe for SocketProbe {
     fn gone(&self) -> bool {
+        if !self.handed_off.swap(true, Ordering::Relaxed) {
+            wake_an_idle_thread();
+        }
+        let Some(fd) = self.fd else {
+            return false;
+        };
         let mut pfd = libc::pollfd {
-            fd: self.fd,
+            fd,
             events: libc::POLLIN | libc::POLLRDHUP,
             revents: 0,
         };
@@ -54,7 +93,7 @@ impl ClientProbe for SocketProbe {
         // and MSG_DONTWAIT never blocks.
         let got = unsafe {
             libc::recv(
-                self.fd,
+                fd,
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,

@@ -23,6 +23,7 @@ pub struct Daemon {
     pub http: SocketAddr,
     pub log: PathBuf,
     pub shared: std::sync::Arc<luafcgid::server::Shared>,
+    pub bound: Vec<ListenAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -60,6 +61,12 @@ impl Daemon {
             ..Overrides::default()
         };
         tweak(&mut o);
+        let unix = o
+            .listen
+            .iter()
+            .find(|l| l.contains('/'))
+            .map(PathBuf::from)
+            .unwrap_or(unix);
         let config = raw.validate("test.toml", &o).unwrap();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -83,9 +90,10 @@ impl Daemon {
                     .unwrap();
             });
         });
-        let (addrs, http, shared) = addr_rx.recv().unwrap();
+        let (addrs, http, shared): (Vec<ListenAddr>, _, _) = addr_rx.recv().unwrap();
         let tcp = addrs
             .iter()
+            .filter(|a| matches!(a, ListenAddr::Tcp(t) if t.is_ipv4()))
             .find_map(|a| match a {
                 ListenAddr::Tcp(t) => Some(*t),
                 _ => None,
@@ -99,6 +107,7 @@ impl Daemon {
             http: http.unwrap(),
             log,
             shared,
+            bound: addrs,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
@@ -142,6 +151,22 @@ impl Daemon {
             assert!(
                 t.elapsed() < Duration::from_secs(10),
                 "never saw {n} busy states: {s:?}"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    /// Waits (bounded) until at most `n` states are leased.
+    pub fn wait_leased_at_most(&self, n: usize) {
+        let t = std::time::Instant::now();
+        loop {
+            let s = self.shared.pool.stats();
+            if s.states - s.idle <= n {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "states stay busy: {s:?}"
             );
             std::thread::yield_now();
         }

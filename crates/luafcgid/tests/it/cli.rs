@@ -1,0 +1,110 @@
+//! The `luafcgid` binary's command line: version, help, config validation and exit codes.
+
+use std::process::Command;
+
+fn luafcgid() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_luafcgid"))
+}
+
+#[test]
+fn version_and_help() {
+    let out = luafcgid().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = luafcgid().args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--check",
+        "--listen",
+        "--docroot",
+        "--http",
+        "--workers",
+        "--states",
+        "--clones",
+        "--sweep-ms",
+        "--log",
+        "--metrics",
+    ] {
+        assert!(help.contains(flag), "help lacks {flag}");
+    }
+}
+
+#[test]
+fn usage_and_config_errors_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = luafcgid()
+        .args(["serve", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "workers = 2\nlisten = \"not a list\"\n").unwrap();
+    let out = luafcgid()
+        .args(["serve", "--check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:2"), "{err}");
+    // A config that is fine but names a docroot that does not exist.
+    let out = luafcgid()
+        .args([
+            "serve",
+            "--check",
+            "--docroot",
+            "/nonexistent/luafcgid-root",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn check_validates_the_shipped_example_config() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let out = luafcgid()
+        .current_dir(root)
+        .args(["serve", "--check", "--config", "examples/luafcgid.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_socket_in_use_is_not_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("busy.sock");
+    let _holder = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let mut child = luafcgid()
+        .args(["serve", "--docroot"])
+        .arg(dir.path())
+        .arg("--listen")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a daemon that took the socket over would run on; stop it and fail.
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the daemon started on a socket in use");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already listening"));
+}
