@@ -33,6 +33,9 @@ pub fn runtime_threads(workers: usize) -> usize {
     workers + 1
 }
 
+/// How often the driver watchdog looks for Lua runs that could starve the IO driver.
+pub const DRIVER_WATCH_INTERVAL: Duration = Duration::from_millis(5);
+
 /// Half-life of a script's popularity for eviction.
 pub const POPULARITY_HALF_LIFE: Duration = Duration::from_secs(60);
 
@@ -268,7 +271,18 @@ impl Server {
             )));
         }
         let sweeper = tokio::spawn(sweep(shared.clone()));
+        let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let watchdog = {
+            let watching = watching.clone();
+            let shared = shared.clone();
+            let handle = tokio::runtime::Handle::current();
+            std::thread::Builder::new()
+                .name("driver-watch".into())
+                .spawn(move || watch_driver(handle, shared, watching))?
+        };
         shutdown.await;
+        watching.store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = watchdog.join();
         for t in &accept_tasks {
             t.abort();
         }
@@ -365,6 +379,25 @@ async fn accept_unix(l: UnixListener, shared: Arc<Shared>, connections: Arc<Sema
                 tracing::warn!("accept on a unix socket: {e}");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
+        }
+    }
+}
+
+/// Keeps the IO driver polled while Lua runs. tokio polls its driver only from an idle
+/// thread, and a thread that took the driver's last events and then runs Lua leaves the
+/// others asleep. The sandbox's hook hands the driver off after about a millisecond
+/// (`probe.rs`), but a single long C call runs no hook; so while any Lua run is in
+/// progress, this thread spawns an empty task from outside the runtime every few
+/// milliseconds, which wakes an idle runtime thread (that then polls the driver).
+fn watch_driver(
+    handle: tokio::runtime::Handle,
+    shared: Arc<Shared>,
+    watching: Arc<std::sync::atomic::AtomicBool>,
+) {
+    while watching.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(DRIVER_WATCH_INTERVAL);
+        if shared.lua_slots.available_permits() < shared.config.workers {
+            handle.spawn(async {});
         }
     }
 }

@@ -543,3 +543,36 @@ fn stale_socket_file_is_replaced_and_mode_applied() {
     ));
     assert_eq!(c.get(&d.script("hello.lua")).text(), "Hello World");
 }
+
+#[test]
+fn connections_are_served_during_a_long_c_call() {
+    // One call into C that runs for a long time without a hook firing: the runtime must
+    // still accept and serve other connections meanwhile.
+    let long_c = "function handler() local s = string.rep('a', 28) return tostring(s:find('.-.-.-.-.-.-.-.-b')) end";
+    let d = Daemon::start(
+        "[defaults]\ntimeout_ms = 20000\ninstructions = 100000000000\n",
+        &[("pattern.lua", long_c), ("hello.lua", HELLO)],
+    );
+    let mut slow = d.client();
+    slow.send(&Client::encode(
+        1,
+        true,
+        &params_for(&d.script("pattern.lua"), "GET", &[]),
+        b"",
+    ));
+    d.wait_leased(1);
+    let t = Instant::now();
+    assert_eq!(d.get("hello.lua").text(), "Hello World");
+    let fast = t.elapsed();
+    let r = slow.response(1);
+    let slow_took = t.elapsed();
+    assert_eq!(r.text(), "nil");
+    assert!(
+        slow_took > Duration::from_millis(300),
+        "the C call must be long for this test: {slow_took:?}"
+    );
+    assert!(
+        fast < slow_took / 3,
+        "hello waited for the C call: {fast:?} of {slow_took:?}"
+    );
+}
