@@ -95,7 +95,10 @@ fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
         method: param_str(&inc.params, "REQUEST_METHOD").map(truncate),
         uri: param_str(&inc.params, "REQUEST_URI").map(truncate),
         script: a.script.map(|s| truncate(&s.relative)),
-        tenant: a.script.map(|s| s.tenant.as_str()),
+        tenant: a
+            .script
+            .map(|s| s.tenant.as_str())
+            .filter(|t| !t.is_empty()),
         policy: a.script.map(|_| Vec::new()),
         status: a.status,
         outcome: a.outcome.as_str(),
@@ -299,7 +302,7 @@ fn run(
                 if let Some(victim) = &lease.evicted {
                     shared.audit.lifecycle(
                         "state_evicted",
-                        serde_json::json!({"script": victim.to_string_lossy(), "reason": "capacity"}),
+                        serde_json::json!({"script": shared.resolver.relative(victim), "reason": "capacity"}),
                     );
                 }
                 state_kind = Some(if lease.fresh { "new" } else { "warm" });

@@ -138,6 +138,16 @@ impl Resolver {
         answer
     }
 
+    /// A real path as the audit log shows it: relative to its document root.
+    pub fn relative(&self, real: &Path) -> String {
+        self.roots
+            .iter()
+            .find_map(|r| real.strip_prefix(&r.real).ok())
+            .unwrap_or(real)
+            .to_string_lossy()
+            .into_owned()
+    }
+
     /// Forgets every cached answer.
     pub fn clear(&self) {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();

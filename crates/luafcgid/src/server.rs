@@ -412,7 +412,7 @@ async fn sweep(shared: Arc<Shared>) {
         for key in retired.unwrap_or_default() {
             shared.audit.lifecycle(
                 "state_evicted",
-                serde_json::json!({"script": key.to_string_lossy(), "reason": "changed"}),
+                serde_json::json!({"script": shared.resolver.relative(&key), "reason": "changed"}),
             );
         }
     }

@@ -129,7 +129,7 @@ fn deleted_script_is_404_and_its_states_go() {
 
 #[test]
 fn eviction_keeps_popular_scripts_warm() {
-    let d = Daemon::start_with(
+    let mut d = Daemon::start_with(
         "[defaults]\nclones = 1\n",
         &[
             ("hot.lua", COUNTER),
@@ -147,6 +147,14 @@ fn eviction_keeps_popular_scripts_warm() {
     assert_eq!(c.get(&d.script("third.lua")).text(), "1");
     assert_eq!(c.get(&d.script("hot.lua")).text(), "11", "hot stayed warm");
     assert_eq!(c.get(&d.script("cold.lua")).text(), "1", "cold was rebuilt");
+    drop(c);
+    let lines = d.stop();
+    let evicted: Vec<_> = lines
+        .iter()
+        .filter(|l| l["event"] == "state_evicted")
+        .collect();
+    assert_eq!(evicted[0]["script"], "cold.lua");
+    assert_eq!(evicted[0]["reason"], "capacity");
 }
 
 #[test]
