@@ -21,7 +21,7 @@ use luafcgid_sandbox::ClientProbe;
 use std::os::fd::AsRawFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio::time::{sleep_until, Instant as TokioInstant};
+use tokio::time::Instant as TokioInstant;
 
 use crate::dispatch::{dispatch, Framing, Incoming, Reply};
 use crate::probe::SocketProbe;
@@ -71,6 +71,12 @@ where
     let config = &shared.config;
     let mut progress = Instant::now();
     let mut closing = false;
+    // One timer per connection, moved only when a deadline comes closer; when it fires
+    // early (the connection made progress since), it is re-armed. A keep-alive connection
+    // thus touches the runtime's timer wheel about once per timeout, not once per request.
+    let timer = tokio::time::sleep(config.idle_timeout);
+    tokio::pin!(timer);
+    let mut armed = progress + config.idle_timeout;
 
     'conn: loop {
         // Decode every whole record in the buffer.
@@ -194,6 +200,12 @@ where
         } else {
             None
         };
+        if let Some(due) = deadline {
+            if due < armed {
+                armed = due;
+                timer.as_mut().reset(TokioInstant::from_std(due));
+            }
+        }
         if inbuf.capacity() - inbuf.len() < READ_CHUNK / 4 {
             inbuf.reserve(READ_CHUNK);
         }
@@ -235,8 +247,13 @@ where
                     }
                 }
             }
-            _ = sleep_until(TokioInstant::from_std(deadline.unwrap_or_else(far_future))), if deadline.is_some() => {
-                break 'conn;
+            _ = &mut timer, if deadline.is_some() => {
+                let due = deadline.unwrap_or(armed);
+                if Instant::now() >= due {
+                    break 'conn;
+                }
+                armed = due;
+                timer.as_mut().reset(TokioInstant::from_std(due));
             }
             _ = shutdown.changed(), if !*shutdown.borrow() => {}
         }
@@ -245,10 +262,6 @@ where
         f.abort.store(true, Ordering::Relaxed);
     }
     let _ = stream.shutdown().await;
-}
-
-fn far_future() -> Instant {
-    Instant::now() + std::time::Duration::from_secs(86_400)
 }
 
 async fn write_out<S: AsyncWrite + Unpin>(
