@@ -49,6 +49,8 @@ pub trait Pooled: Send + 'static {
     fn files(&self) -> &[PathBuf];
     /// Requests served so far.
     fn requests(&self) -> u64;
+    /// Bytes of memory the state holds now.
+    fn memory(&self) -> usize;
 }
 
 impl Pooled for luafcgid_sandbox::ScriptState {
@@ -57,6 +59,9 @@ impl Pooled for luafcgid_sandbox::ScriptState {
     }
     fn requests(&self) -> u64 {
         luafcgid_sandbox::ScriptState::requests(self)
+    }
+    fn memory(&self) -> usize {
+        luafcgid_sandbox::ScriptState::used_memory(self)
     }
 }
 
@@ -80,6 +85,8 @@ pub struct PoolStats {
     pub scripts: usize,
     /// States evicted to make room, since start.
     pub evicted: u64,
+    /// Memory of the retained states, as measured when each was last checked in.
+    pub memory: usize,
 }
 
 /// A file a script's states depend on, with its stamp when they were built.
@@ -88,6 +95,7 @@ type WatchedFile = (PathBuf, Option<FileStamp>);
 struct Idle<S> {
     state: S,
     created: Instant,
+    memory: usize,
 }
 
 struct Entry<S> {
@@ -127,6 +135,8 @@ struct Inner<S> {
     entries: HashMap<ScriptKey, Entry<S>>,
     total: usize,
     evicted: u64,
+    /// Memory of the retained states, as last measured (at checkin).
+    memory: usize,
 }
 
 /// A state lent to one request.
@@ -137,6 +147,8 @@ pub struct Lease<S> {
     generation: u64,
     created: Instant,
     transient: bool,
+    /// Memory counted for this state in the pool's total.
+    memory: usize,
     /// The state was created for this request (its chunk just ran).
     pub fresh: bool,
     /// A script whose idle state was evicted to make room for this one.
@@ -156,6 +168,7 @@ impl<S> Lease<S> {
 pub struct StatePool<S> {
     inner: Mutex<Inner<S>>,
     cap: usize,
+    memory_cap: usize,
     half_life: Duration,
 }
 
@@ -173,16 +186,18 @@ fn drop_all<S>(states: Vec<S>) {
 }
 
 impl<S: Pooled> StatePool<S> {
-    /// A pool retaining at most `states` states, whose popularity counts halve every
-    /// `half_life`.
-    pub fn new(states: usize, half_life: Duration) -> Self {
+    /// A pool retaining at most `states` states holding at most `memory` bytes together
+    /// (0: no bound), whose popularity counts halve every `half_life`.
+    pub fn new(states: usize, memory: usize, half_life: Duration) -> Self {
         StatePool {
             inner: Mutex::new(Inner {
                 entries: HashMap::new(),
                 total: 0,
                 evicted: 0,
+                memory: 0,
             }),
             cap: states.max(1),
+            memory_cap: if memory == 0 { usize::MAX } else { memory },
             half_life,
         }
     }
@@ -232,6 +247,7 @@ impl<S: Pooled> StatePool<S> {
                 if entry.stamp.is_some() {
                     entry.generation += 1;
                     inner.total -= entry.idle.len();
+                    inner.memory -= entry.idle.iter().map(|i| i.memory).sum::<usize>();
                     doomed.extend(entry.idle.drain(..).map(|i| i.state));
                 }
                 entry.stamp = Some(stamp);
@@ -248,6 +264,7 @@ impl<S: Pooled> StatePool<S> {
                     generation,
                     created: idle.created,
                     transient: false,
+                    memory: idle.memory,
                     fresh: false,
                     evicted: None,
                 });
@@ -268,8 +285,9 @@ impl<S: Pooled> StatePool<S> {
                     Some(v) => {
                         let e = inner.entries.get_mut(&v).expect("victim exists");
                         // The least recently used idle state sits at the bottom.
-                        let state = e.idle.remove(0).state;
-                        doomed.push(state);
+                        let idle = e.idle.remove(0);
+                        inner.memory -= idle.memory;
+                        doomed.push(idle.state);
                         inner.total -= 1;
                         inner.evicted += 1;
                         evicted = Some(v);
@@ -303,6 +321,7 @@ impl<S: Pooled> StatePool<S> {
                     generation,
                     created: now,
                     transient,
+                    memory: 0,
                     fresh: true,
                     evicted,
                 })
@@ -322,43 +341,71 @@ impl<S: Pooled> StatePool<S> {
 
     /// Takes a lease back. The state is kept idle when `retire` is `Keep`, its script has
     /// not changed since it was built, and it is younger than `max_age` and has served fewer
-    /// than `max_requests` requests (zero: no bound).
+    /// than `max_requests` requests (zero: no bound). When the states then hold more memory
+    /// than the pool's budget, idle states of the least popular scripts are dropped until
+    /// they fit; their scripts are returned.
     pub fn checkin(
         &self,
         mut lease: Lease<S>,
         retire: Retire,
         max_requests: u64,
         max_age: Duration,
-    ) {
+    ) -> Vec<ScriptKey> {
         let state = lease
             .state
             .take()
             .expect("a lease holds its state until checkin");
         let worn = (max_requests > 0 && state.requests() >= max_requests)
             || (!max_age.is_zero() && lease.created.elapsed() >= max_age);
-        let mut inner = self.lock();
-        let keep = retire == Retire::Keep && !worn && !lease.transient;
-        let Some(entry) = inner.entries.get_mut(&lease.key) else {
-            if !lease.transient {
-                inner.total -= 1;
+        let memory = state.memory();
+        let mut doomed = vec![state];
+        let mut evicted = Vec::new();
+        {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let keep = retire == Retire::Keep && !worn && !lease.transient;
+            inner.memory -= lease.memory;
+            match inner.entries.get_mut(&lease.key) {
+                Some(entry) => {
+                    entry.leased -= 1;
+                    if keep && entry.generation == lease.generation {
+                        let state = doomed.pop().expect("the returned state");
+                        entry.idle.push(Idle {
+                            state,
+                            created: lease.created,
+                            memory,
+                        });
+                        inner.memory += memory;
+                    } else if !lease.transient {
+                        inner.total -= 1;
+                    }
+                }
+                None if !lease.transient => inner.total -= 1,
+                None => {}
             }
-            drop(inner);
-            drop(state);
-            return;
-        };
-        entry.leased -= 1;
-        if keep && entry.generation == lease.generation {
-            entry.idle.push(Idle {
-                state,
-                created: lease.created,
-            });
-            return;
+            let now = Instant::now();
+            while inner.memory > self.memory_cap {
+                let Some(victim) = inner
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| !e.idle.is_empty())
+                    .map(|(k, e)| (k.clone(), e.popularity(now, self.half_life)))
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|(k, _)| k)
+                else {
+                    break;
+                };
+                let e = inner.entries.get_mut(&victim).expect("victim exists");
+                let idle = e.idle.remove(0);
+                inner.memory -= idle.memory;
+                inner.total -= 1;
+                inner.evicted += 1;
+                doomed.push(idle.state);
+                evicted.push(victim);
+            }
         }
-        if !lease.transient {
-            inner.total -= 1;
-        }
-        drop(inner);
-        drop(state);
+        drop_all(doomed);
+        evicted
     }
 
     /// Retires every state of `key` (its file was deleted or its policy changed).
@@ -367,14 +414,17 @@ impl<S: Pooled> StatePool<S> {
             let mut inner = self.lock();
             let mut doomed = Vec::new();
             let mut drop_n = 0;
+            let mut freed = 0;
             if let Some(entry) = inner.entries.get_mut(key) {
                 entry.generation += 1;
                 entry.stamp = None;
                 entry.files.clear();
                 drop_n = entry.idle.len();
+                freed = entry.idle.iter().map(|i| i.memory).sum::<usize>();
                 doomed.extend(entry.idle.drain(..).map(|i| i.state));
             }
             inner.total -= drop_n;
+            inner.memory -= freed;
             doomed
         };
         drop_all(doomed);
@@ -415,6 +465,7 @@ impl<S: Pooled> StatePool<S> {
                         entry.stamp = None;
                         entry.files.clear();
                         inner.total -= entry.idle.len();
+                        inner.memory -= entry.idle.iter().map(|i| i.memory).sum::<usize>();
                         doomed.extend(entry.idle.drain(..).map(|i| i.state));
                         retired.push(key);
                     }
@@ -443,6 +494,7 @@ impl<S: Pooled> StatePool<S> {
             idle: inner.entries.values().map(|e| e.idle.len()).sum(),
             scripts: inner.entries.len(),
             evicted: inner.evicted,
+            memory: inner.memory,
         }
     }
 
@@ -464,6 +516,7 @@ mod tests {
         id: u64,
         files: Vec<PathBuf>,
         requests: u64,
+        memory: usize,
     }
     impl Pooled for Fake {
         fn files(&self) -> &[PathBuf] {
@@ -472,6 +525,9 @@ mod tests {
         fn requests(&self) -> u64 {
             self.requests
         }
+        fn memory(&self) -> usize {
+            self.memory
+        }
     }
 
     fn fake(files: Vec<PathBuf>) -> Result<Fake, ()> {
@@ -479,6 +535,7 @@ mod tests {
             id: BUILT.fetch_add(1, Ordering::Relaxed),
             files,
             requests: 0,
+            memory: 1000,
         })
     }
 
@@ -497,57 +554,57 @@ mod tests {
 
     #[test]
     fn idle_state_is_reused() {
-        let pool = StatePool::new(10, Duration::from_secs(60));
+        let pool = StatePool::new(10, 0, Duration::from_secs(60));
         let k = key("/a.lua");
         let mut l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
         assert!(l.fresh);
         let id = l.state().id;
-        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
         let mut l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
         assert!(!l.fresh);
         assert_eq!(l.state().id, id);
-        pool.checkin(l, Retire::Discard, 0, Duration::ZERO);
+        let _ = pool.checkin(l, Retire::Discard, 0, Duration::ZERO);
         assert_eq!(pool.stats().states, 0);
     }
 
     #[test]
     fn changed_stamp_retires_states() {
-        let pool = StatePool::new(10, Duration::from_secs(60));
+        let pool = StatePool::new(10, 0, Duration::from_secs(60));
         let k = key("/a.lua");
         let l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
-        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
         let l = pool.checkout(&k, stamp(2), || fake(vec![])).unwrap();
         assert!(l.fresh);
-        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
         assert_eq!(pool.stats().states, 1);
     }
 
     #[test]
     fn state_leased_across_a_change_is_not_kept() {
-        let pool = StatePool::new(10, Duration::from_secs(60));
+        let pool = StatePool::new(10, 0, Duration::from_secs(60));
         let k = key("/a.lua");
         let old = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
         let new = pool.checkout(&k, stamp(2), || fake(vec![])).unwrap();
-        pool.checkin(old, Retire::Keep, 0, Duration::ZERO);
-        pool.checkin(new, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(old, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(new, Retire::Keep, 0, Duration::ZERO);
         assert_eq!(pool.idle_states(&k), 1);
         assert_eq!(pool.stats().states, 1);
     }
 
     #[test]
     fn eviction_takes_the_least_popular_idle_state() {
-        let pool = StatePool::new(2, Duration::from_secs(3600));
+        let pool = StatePool::new(2, 0, Duration::from_secs(3600));
         let (hot, cold, third) = (key("/hot.lua"), key("/cold.lua"), key("/third.lua"));
         for _ in 0..5 {
             let l = pool.checkout(&hot, stamp(1), || fake(vec![])).unwrap();
-            pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+            let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
         }
         let l = pool.checkout(&cold, stamp(1), || fake(vec![])).unwrap();
-        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
         // `cold` was used last, but `hot` is more popular: `cold` goes.
         let l = pool.checkout(&third, stamp(1), || fake(vec![])).unwrap();
         assert_eq!(l.evicted.as_deref(), Some(Path::new("/cold.lua")));
-        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
         assert_eq!(pool.idle_states(&hot), 1);
         assert_eq!(pool.idle_states(&cold), 0);
         assert_eq!(pool.stats().states, 2);
@@ -555,54 +612,54 @@ mod tests {
 
     #[test]
     fn popularity_ages() {
-        let pool = StatePool::new(2, Duration::from_millis(1));
+        let pool = StatePool::new(2, 0, Duration::from_millis(1));
         let (old, new, third) = (key("/old.lua"), key("/new.lua"), key("/third.lua"));
         for _ in 0..50 {
             let l = pool.checkout(&old, stamp(1), || fake(vec![])).unwrap();
-            pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+            let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
         }
         // Fifty half-lives later the old burst counts for nothing.
         std::thread::sleep(Duration::from_millis(50));
         let l = pool.checkout(&new, stamp(1), || fake(vec![])).unwrap();
-        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
         let l = pool.checkout(&third, stamp(1), || fake(vec![])).unwrap();
         assert_eq!(l.evicted.as_deref(), Some(Path::new("/old.lua")));
-        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
     }
 
     #[test]
     fn cap_reached_with_nothing_idle_gives_a_transient_state() {
-        let pool = StatePool::new(1, Duration::from_secs(60));
+        let pool = StatePool::new(1, 0, Duration::from_secs(60));
         let (a, b) = (key("/a.lua"), key("/b.lua"));
         let la = pool.checkout(&a, stamp(1), || fake(vec![])).unwrap();
         let lb = pool.checkout(&b, stamp(1), || fake(vec![])).unwrap();
-        pool.checkin(lb, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(lb, Retire::Keep, 0, Duration::ZERO);
         assert_eq!(pool.idle_states(&b), 0);
-        pool.checkin(la, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(la, Retire::Keep, 0, Duration::ZERO);
         assert_eq!(pool.stats().states, 1);
     }
 
     #[test]
     fn worn_states_are_retired() {
-        let pool = StatePool::new(4, Duration::from_secs(60));
+        let pool = StatePool::new(4, 0, Duration::from_secs(60));
         let k = key("/a.lua");
         let mut l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
         l.state().requests = 3;
-        pool.checkin(l, Retire::Keep, 3, Duration::ZERO);
+        let _ = pool.checkin(l, Retire::Keep, 3, Duration::ZERO);
         assert_eq!(pool.idle_states(&k), 0);
         assert_eq!(pool.stats().states, 0);
     }
 
     #[test]
     fn old_states_are_retired() {
-        let pool = StatePool::new(4, Duration::from_secs(60));
+        let pool = StatePool::new(4, 0, Duration::from_secs(60));
         let k = key("/a.lua");
         let l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
-        pool.checkin(l, Retire::Keep, 0, Duration::from_secs(3600));
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::from_secs(3600));
         assert_eq!(pool.idle_states(&k), 1, "young enough");
         let l = pool.checkout(&k, stamp(1), || fake(vec![])).unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        pool.checkin(l, Retire::Keep, 0, Duration::from_millis(10));
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::from_millis(10));
         assert_eq!(pool.idle_states(&k), 0, "older than state_max_age");
     }
 
@@ -612,11 +669,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let module = dir.join("m.lua");
         std::fs::write(&module, "return 1").unwrap();
-        let pool = StatePool::new(4, Duration::from_secs(60));
+        let pool = StatePool::new(4, 0, Duration::from_secs(60));
         let k = key("/a.lua");
         let m = module.clone();
         let l = pool.checkout(&k, stamp(1), move || fake(vec![m])).unwrap();
-        pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
         assert!(pool.sweep().is_empty());
         assert_eq!(pool.idle_states(&k), 1);
         std::fs::write(&module, "return 22").unwrap();
@@ -627,7 +684,7 @@ mod tests {
 
     #[test]
     fn sweep_keeps_an_admission_in_use() {
-        let pool: StatePool<Fake> = StatePool::new(4, Duration::from_secs(60));
+        let pool: StatePool<Fake> = StatePool::new(4, 0, Duration::from_secs(60));
         let k = key("/a.lua");
         let sem = pool.admission(&k, 1);
         let _permit = sem.clone().try_acquire_owned().unwrap();
@@ -644,8 +701,37 @@ mod tests {
     }
 
     #[test]
+    fn memory_budget_evicts_the_least_popular_idle_states() {
+        // Room for 2,500 bytes: three states of 1,000 do not fit.
+        let pool = StatePool::new(100, 2500, Duration::from_secs(3600));
+        let (hot, warm, cold) = (key("/hot.lua"), key("/warm.lua"), key("/cold.lua"));
+        for (k, n) in [(&hot, 5), (&warm, 3), (&cold, 1)] {
+            for _ in 0..n {
+                let l = pool.checkout(k, stamp(1), || fake(vec![])).unwrap();
+                let evicted = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+                if k == &cold {
+                    assert_eq!(evicted, vec![cold.clone()], "the coldest goes");
+                } else {
+                    assert!(evicted.is_empty());
+                }
+            }
+        }
+        assert_eq!(pool.stats().memory, 2000);
+        assert_eq!(pool.idle_states(&hot), 1);
+        assert_eq!(pool.idle_states(&warm), 1);
+        assert_eq!(pool.idle_states(&cold), 0);
+        // A state that grew is accounted at its new size.
+        let mut l = pool.checkout(&hot, stamp(1), || fake(vec![])).unwrap();
+        l.state().memory = 1600;
+        let evicted = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        assert_eq!(evicted, vec![warm.clone()]);
+        assert_eq!(pool.stats().memory, 1600);
+        assert_eq!(pool.stats().states, 1);
+    }
+
+    #[test]
     fn failed_build_releases_its_slot() {
-        let pool: StatePool<Fake> = StatePool::new(1, Duration::from_secs(60));
+        let pool: StatePool<Fake> = StatePool::new(1, 0, Duration::from_secs(60));
         let k = key("/a.lua");
         assert!(pool.checkout(&k, stamp(1), || Err::<Fake, ()>(())).is_err());
         assert_eq!(pool.stats().states, 0);

@@ -322,9 +322,18 @@ fn run(
                     Err(f) if f.keeps_state() && policy.persistent => Retire::Keep,
                     _ => Retire::Discard,
                 };
-                shared
-                    .pool
-                    .checkin(lease, keep, policy.state_max_requests, policy.state_max_age);
+                let evicted = shared.pool.checkin(
+                    lease,
+                    keep,
+                    policy.state_max_requests,
+                    policy.state_max_age,
+                );
+                for victim in evicted {
+                    shared.audit.lifecycle(
+                        "state_evicted",
+                        serde_json::json!({"script": shared.resolver.relative(&victim), "reason": "memory"}),
+                    );
+                }
                 report.result
             }
         }

@@ -182,7 +182,11 @@ impl Server {
         };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
-            pool: StatePool::new(config.states, POPULARITY_HALF_LIFE),
+            pool: StatePool::new(
+                config.states,
+                usize::try_from(config.memory_total).unwrap_or(usize::MAX),
+                POPULARITY_HALF_LIFE,
+            ),
             defaults: Defaults {
                 status: config.default_status,
                 content_type: config.default_content_type.clone(),

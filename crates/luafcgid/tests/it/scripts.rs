@@ -451,3 +451,30 @@ fn every_request_has_one_audit_line() {
     assert!(lines.iter().any(|l| l["event"] == "start"));
     assert!(lines.iter().any(|l| l["event"] == "stop"));
 }
+
+#[test]
+fn memory_total_bounds_the_sum_of_states() {
+    // Each state holds a 300 KB string: the budget fits two of them, not three.
+    let fat = "blob = string.rep('x', 300000)\nfunction handler() return #blob end";
+    let mut d = Daemon::start(
+        "memory_total = \"800KiB\"\n[defaults]\nclones = 1\n",
+        &[("a.lua", fat), ("b.lua", fat), ("c.lua", fat)],
+    );
+    let mut c = d.client();
+    for _ in 0..3 {
+        assert_eq!(c.get(&d.script("a.lua")).text(), "300000");
+    }
+    assert_eq!(c.get(&d.script("b.lua")).text(), "300000");
+    assert_eq!(c.get(&d.script("c.lua")).text(), "300000");
+    let stats = d.shared.pool.stats();
+    assert!(stats.memory <= 800 << 10, "{stats:?}");
+    assert_eq!(stats.states, 2, "{stats:?}");
+    drop(c);
+    let lines = d.stop();
+    let evicted: Vec<_> = lines
+        .iter()
+        .filter(|l| l["event"] == "state_evicted" && l["reason"] == "memory")
+        .collect();
+    assert_eq!(evicted.len(), 1);
+    assert_eq!(evicted[0]["script"], "b.lua", "the least popular idle state goes");
+}
