@@ -476,5 +476,8 @@ fn memory_total_bounds_the_sum_of_states() {
         .filter(|l| l["event"] == "state_evicted" && l["reason"] == "memory")
         .collect();
     assert_eq!(evicted.len(), 1);
-    assert_eq!(evicted[0]["script"], "b.lua", "the least popular idle state goes");
+    assert_eq!(
+        evicted[0]["script"], "b.lua",
+        "the least popular idle state goes"
+    );
 }
