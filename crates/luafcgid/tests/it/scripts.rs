@@ -481,3 +481,30 @@ fn memory_total_bounds_the_sum_of_states() {
         "the least popular idle state goes"
     );
 }
+
+#[test]
+fn poisoning_harms_only_the_poisoner() {
+    let poison = r#"
+string.upper = function() return "pwned" end
+string.rep = nil
+table.concat = function() return "pwned" end
+rawset(_G, "shared_secret", "leaked")
+math.huge = 0
+function handler() return string.upper("a") end
+"#;
+    let victim = r#"
+function handler()
+  return string.upper("a") .. ":" .. tostring(rawget(_G, "shared_secret")) .. ":" ..
+    table.concat({"x", "y"}) .. ":" .. tostring(string.rep ~= nil) .. ":" .. tostring(math.huge > 0)
+end
+"#;
+    let d = Daemon::start("", &[("a/poison.lua", poison), ("b/victim.lua", victim)]);
+    assert_eq!(
+        d.get("a/poison.lua").text(),
+        "pwned",
+        "the poisoner sees its own poison"
+    );
+    assert_eq!(d.get("b/victim.lua").text(), "A:nil:xy:true:true");
+    assert_eq!(d.get("a/poison.lua").text(), "pwned");
+    assert_eq!(d.get("b/victim.lua").text(), "A:nil:xy:true:true");
+}
