@@ -31,13 +31,17 @@ pub struct AuditLog {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// RFC 3339 UTC time with microseconds.
-pub fn timestamp() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let micros = d.subsec_micros();
+/// Writes `n` as exactly `width` decimal digits (zero-padded) into `out`.
+fn push_digits(out: &mut [u8], n: u64) {
+    let mut n = n;
+    for slot in out.iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a time in whole seconds since the epoch.
+fn format_seconds(secs: i64) -> [u8; 19] {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -50,12 +54,43 @@ pub fn timestamp() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60
-    )
+    let mut b = *b"0000-00-00T00:00:00";
+    push_digits(&mut b[0..4], year.clamp(0, 9999) as u64);
+    push_digits(&mut b[5..7], month as u64);
+    push_digits(&mut b[8..10], day as u64);
+    push_digits(&mut b[11..13], (sod / 3600) as u64);
+    push_digits(&mut b[14..16], ((sod % 3600) / 60) as u64);
+    push_digits(&mut b[17..19], (sod % 60) as u64);
+    b
+}
+
+thread_local! {
+    /// The last second formatted on this thread: most lines share it.
+    static LAST_SECOND: std::cell::Cell<(i64, [u8; 19])> = const { std::cell::Cell::new((i64::MIN, [0; 19])) };
+}
+
+/// RFC 3339 UTC time with microseconds.
+pub fn timestamp() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let prefix = LAST_SECOND.with(|last| {
+        let (at, text) = last.get();
+        if at == secs {
+            text
+        } else {
+            let text = format_seconds(secs);
+            last.set((secs, text));
+            text
+        }
+    });
+    let mut b = [0u8; 27];
+    b[..19].copy_from_slice(&prefix);
+    b[19] = b'.';
+    push_digits(&mut b[20..26], u64::from(d.subsec_micros()));
+    b[26] = b'Z';
+    String::from_utf8_lossy(&b).into_owned()
 }
 
 /// Cuts script-controlled text to [`AUDIT_TEXT_MAX`] bytes at a character boundary.
@@ -121,7 +156,7 @@ impl AuditLog {
 
     /// Queues one event.
     pub fn emit<T: Serialize>(&self, event: &T) {
-        let mut line = Vec::with_capacity(256);
+        let mut line = Vec::with_capacity(512);
         if serde_json::to_writer(&mut line, event).is_err() {
             return;
         }
@@ -193,6 +228,13 @@ fn write_lines(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>, dropped: Arc<A
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_dates_format() {
+        assert_eq!(&format_seconds(0), b"1970-01-01T00:00:00");
+        assert_eq!(&format_seconds(951_782_400), b"2000-02-29T00:00:00");
+        assert_eq!(&format_seconds(1_795_704_832), b"2026-11-26T14:53:52");
+    }
 
     #[test]
     fn timestamp_is_rfc3339_micros() {

@@ -27,9 +27,25 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends `n` in decimal.
+fn push_number(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 fn push_status(out: &mut Vec<u8>, code: u16) {
     out.extend_from_slice(b"Status: ");
-    out.extend_from_slice(code.to_string().as_bytes());
+    push_number(out, usize::from(code));
     out.push(b' ');
     out.extend_from_slice(reason(code).as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -50,8 +66,9 @@ pub fn render(resp: &Response, d: &Defaults, request_id: &str, head: bool, out: 
         push_header(out, n, v);
     }
     push_header(out, "X-Request-Id", request_id);
-    push_header(out, "Content-Length", &resp.body.len().to_string());
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b"Content-Length: ");
+    push_number(out, resp.body.len());
+    out.extend_from_slice(b"\r\n\r\n");
     if !head {
         out.extend_from_slice(&resp.body);
     }

@@ -33,8 +33,13 @@ fn mix(mut z: u64) -> u64 {
 impl RequestIds {
     /// The next id.
     pub fn next_id(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        format!("{:016x}", mix(n ^ self.key))
+        let v = mix(n ^ self.key);
+        let text: String = (0..16)
+            .map(|i| HEX[((v >> (60 - 4 * i)) & 0xf) as usize] as char)
+            .collect();
+        text
     }
 }
 
