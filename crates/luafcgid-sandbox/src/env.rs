@@ -112,10 +112,15 @@ pub(crate) fn new_state(libs: &[&str], budget: &Arc<Budget>) -> mlua::Result<Lua
             Ok(())
         })
     })?;
+    let step = {
+        let budget = Arc::clone(budget);
+        lua.create_function(move |_, ()| budget.step())?
+    };
+    crate::pattern::install(&lua, budget)?;
     lua.load(BOOTSTRAP)
         .set_name("=[luafcgid]")
         .set_mode(mlua::chunk::ChunkMode::Text)
-        .call::<()>((check, emit, lua.globals()))?;
+        .call::<()>((check, emit, lua.globals(), step))?;
 
     let globals = lua.globals();
     if let Ok(os) = globals.raw_get::<Table>("os") {

@@ -4,7 +4,10 @@
 //! All four are Rust functions that run no Lua code (no metamethods are called: `serialize`
 //! reads tables raw), so they cannot be used to re-enter the script. `serialize` builds its
 //! result outside the Lua heap, so its size is bounded by the run's remaining output budget
-//! instead. It does not parse `multipart/form-data` or cookies.
+//! instead, and it checks the deadline every [`STEP_VALUES`] values; `urlencode` and
+//! `urldecode` refuse (as the memory limit) a result larger than the state's memory limit
+//! before building it, and `parse` checks the deadline every [`STEP_VALUES`] pairs. It does
+//! not parse `multipart/form-data` or cookies.
 
 use std::ffi::c_void;
 
@@ -17,16 +20,39 @@ use crate::LimitKind;
 /// Deepest table nesting `serialize` writes.
 pub(crate) const MAX_SERIALIZE_DEPTH: usize = 64;
 
+/// How many values `serialize` writes (and `parse` reads) between two deadline checks.
+pub(crate) const STEP_VALUES: usize = 1024;
+
+/// Errors (as the memory limit) when a `len`-byte result cannot fit the state's memory limit.
+fn check_size(lua: &Lua, len: usize) -> mlua::Result<()> {
+    with_ctx(lua, |ctx| {
+        ctx.budget.step()?;
+        let limit = ctx.budget.memory_limit();
+        if limit > 0 && len > limit {
+            return Err(ctx.budget.trip(Stop::Limit(LimitKind::Memory)));
+        }
+        Ok(())
+    })
+}
+
 /// Builds the module table.
 pub(crate) fn module(lua: &Lua) -> mlua::Result<Table> {
     let m = lua.create_table_with_capacity(0, 4)?;
     m.raw_set(
         "urlencode",
-        lua.create_function(|lua, s: mlua::LuaString| lua.create_string(urlencode(&s.as_bytes())))?,
+        lua.create_function(|lua, s: mlua::LuaString| {
+            let s = s.as_bytes();
+            check_size(lua, urlencoded_len(&s))?;
+            lua.create_string(urlencode(&s))
+        })?,
     )?;
     m.raw_set(
         "urldecode",
-        lua.create_function(|lua, s: mlua::LuaString| lua.create_string(urldecode(&s.as_bytes())))?,
+        lua.create_function(|lua, s: mlua::LuaString| {
+            let s = s.as_bytes();
+            check_size(lua, s.len())?;
+            lua.create_string(urldecode(&s))
+        })?,
     )?;
     m.raw_set(
         "parse",
@@ -35,12 +61,12 @@ pub(crate) fn module(lua: &Lua) -> mlua::Result<Table> {
     m.raw_set(
         "serialize",
         lua.create_function(|lua, v: Value| {
-            let max = with_ctx(lua, |ctx| {
+            let (max, budget) = with_ctx(lua, |ctx| {
                 ctx.budget.check()?;
-                Ok(ctx.remaining_output())
+                Ok((ctx.remaining_output(), std::sync::Arc::clone(&ctx.budget)))
             })?;
             let mut out = Vec::new();
-            match serialize(&v, &mut out, max) {
+            match serialize(&v, &mut out, max, &mut || budget.step()) {
                 Ok(()) => lua.create_string(out),
                 Err(SerializeError::TooLong) => with_ctx(lua, |ctx| {
                     Err(ctx.budget.trip(Stop::Limit(LimitKind::Output)))
@@ -50,6 +76,16 @@ pub(crate) fn module(lua: &Lua) -> mlua::Result<Table> {
         })?,
     )?;
     Ok(m)
+}
+
+/// The length of `urlencode(s)`.
+fn urlencoded_len(s: &[u8]) -> usize {
+    s.iter()
+        .map(|&c| match c {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b' ' => 1,
+            _ => 3,
+        })
+        .sum()
 }
 
 /// Percent-encodes every byte but ASCII letters, digits and `-._~`; a space becomes `+`.
@@ -105,7 +141,10 @@ pub(crate) fn parse_pairs(s: &[u8]) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> 
 /// order.
 fn parse(lua: &Lua, s: &[u8]) -> mlua::Result<Table> {
     let t = lua.create_table()?;
-    for (k, v) in parse_pairs(s) {
+    for (n, (k, v)) in parse_pairs(s).enumerate() {
+        if (n + 1).is_multiple_of(STEP_VALUES) {
+            with_ctx(lua, |ctx| ctx.budget.step())?;
+        }
         let k = lua.create_string(k)?;
         let v = lua.create_string(v)?;
         match t.raw_get::<Value>(&k)? {
@@ -144,17 +183,51 @@ fn fail(message: &str) -> SerializeError {
 /// strings (quoted as `string.format("%q")` does) and tables (raw contents, sequence first,
 /// then the other keys sorted: booleans, numbers, strings, then tables as met). Functions,
 /// userdata, threads, cycles and nesting deeper than [`MAX_SERIALIZE_DEPTH`] are errors.
-pub(crate) fn serialize(v: &Value, out: &mut Vec<u8>, max: usize) -> Result<(), SerializeError> {
-    let mut path = Vec::new();
-    write_value(v, out, max, &mut path)
-}
-
-fn write_value(
+///
+/// `step` is called every [`STEP_VALUES`] values (and table entries collected); its error
+/// ends the serialization.
+pub(crate) fn serialize(
     v: &Value,
     out: &mut Vec<u8>,
     max: usize,
-    path: &mut Vec<*const c_void>,
+    step: &mut dyn FnMut() -> mlua::Result<()>,
 ) -> Result<(), SerializeError> {
+    let mut w = Writer {
+        out,
+        max,
+        path: Vec::new(),
+        count: 0,
+        step,
+    };
+    w.value(v)
+}
+
+struct Writer<'a> {
+    out: &'a mut Vec<u8>,
+    max: usize,
+    path: Vec<*const c_void>,
+    count: usize,
+    step: &'a mut dyn FnMut() -> mlua::Result<()>,
+}
+
+impl Writer<'_> {
+    /// Counts one value; every [`STEP_VALUES`] values, calls `step`.
+    fn tick(&mut self) -> mlua::Result<()> {
+        self.count += 1;
+        if self.count.is_multiple_of(STEP_VALUES) {
+            (self.step)()?;
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, v: &Value) -> Result<(), SerializeError> {
+        self.tick()?;
+        write_value(v, self)
+    }
+}
+
+fn write_value(v: &Value, w: &mut Writer<'_>) -> Result<(), SerializeError> {
+    let out = &mut *w.out;
     match v {
         Value::Nil => out.extend_from_slice(b"nil"),
         Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
@@ -162,10 +235,10 @@ fn write_value(
         Value::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
         Value::Number(n) => write_float(*n, out),
         Value::String(s) => quote(&s.as_bytes(), out),
-        Value::Table(t) => write_table(t, out, max, path)?,
+        Value::Table(t) => write_table(t, w)?,
         other => return Err(fail(&format!("cannot serialize a {}", other.type_name()))),
     }
-    if out.len() > max {
+    if w.out.len() > w.max {
         return Err(SerializeError::TooLong);
     }
     Ok(())
@@ -242,64 +315,124 @@ fn key_cmp(a: &Value, b: &Value) -> std::cmp::Ordering {
     })
 }
 
-fn write_table(
-    t: &Table,
-    out: &mut Vec<u8>,
-    max: usize,
-    path: &mut Vec<*const c_void>,
-) -> Result<(), SerializeError> {
+/// Sorts `entries` by key (stable), calling `step` every [`STEP_VALUES`] entries sorted or
+/// merged: a bottom-up merge sort of runs sorted by `sort_by`.
+fn sort_entries(
+    entries: &mut Vec<(Value, Value)>,
+    step: &mut dyn FnMut() -> mlua::Result<()>,
+) -> mlua::Result<()> {
+    use std::cmp::Ordering;
+    let n = entries.len();
+    for run in entries.chunks_mut(STEP_VALUES) {
+        run.sort_by(|(a, _), (b, _)| key_cmp(a, b));
+        step()?;
+    }
+    let mut width = STEP_VALUES;
+    while width < n {
+        let mut out = Vec::with_capacity(n);
+        let mut items = std::mem::take(entries).into_iter();
+        let mut start = 0;
+        while start < n {
+            let mid = (start + width).min(n);
+            let end = (start + 2 * width).min(n);
+            let mut left = items
+                .by_ref()
+                .take(mid - start)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .peekable();
+            let mut right = items
+                .by_ref()
+                .take(end - mid)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .peekable();
+            loop {
+                let from_left = match (left.peek(), right.peek()) {
+                    (Some(a), Some(b)) => key_cmp(&a.0, &b.0) != Ordering::Greater,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (None, None) => break,
+                };
+                out.extend(if from_left { left.next() } else { right.next() });
+                if out.len().is_multiple_of(STEP_VALUES) {
+                    step()?;
+                }
+            }
+            start = end;
+        }
+        *entries = out;
+        width *= 2;
+    }
+    Ok(())
+}
+
+fn write_table(t: &Table, w: &mut Writer<'_>) -> Result<(), SerializeError> {
     let ptr = t.to_pointer();
-    if path.contains(&ptr) {
+    if w.path.contains(&ptr) {
         return Err(fail("cycle in table"));
     }
-    if path.len() >= MAX_SERIALIZE_DEPTH {
+    if w.path.len() >= MAX_SERIALIZE_DEPTH {
         return Err(fail(&format!(
             "tables nested deeper than {MAX_SERIALIZE_DEPTH}"
         )));
     }
-    path.push(ptr);
-    out.push(b'{');
+    w.path.push(ptr);
+    w.out.push(b'{');
     let len = t.raw_len();
     let mut first = true;
     for i in 1..=len {
         if !first {
-            out.push(b',');
+            w.out.push(b',');
         }
         first = false;
-        write_value(&t.raw_get::<Value>(i)?, out, max, path)?;
+        w.value(&t.raw_get::<Value>(i)?)?;
     }
+    // Every other entry takes at least 4 bytes (`k=v,`): stop collecting them once they
+    // cannot fit the remaining output.
+    let room = w.max.saturating_sub(w.out.len()) / 4;
     let mut rest = Vec::new();
+    let mut too_long = false;
     t.for_each::<Value, Value>(|k, v| {
         let in_sequence = matches!(k, Value::Integer(i) if i >= 1 && (i as u64) <= len as u64);
         if !in_sequence {
+            if rest.len() >= room {
+                too_long = true;
+                return Err(Error::runtime("stop"));
+            }
             rest.push((k, v));
+            w.tick()?;
         }
         Ok(())
-    })?;
-    rest.sort_by(|(a, _), (b, _)| key_cmp(a, b));
+    })
+    .or_else(|e| if too_long { Ok(()) } else { Err(e) })?;
+    if too_long {
+        return Err(SerializeError::TooLong);
+    }
+    sort_entries(&mut rest, w.step)?;
     for (k, v) in &rest {
         if !first {
-            out.push(b',');
+            w.out.push(b',');
         }
         first = false;
         match k {
             Value::String(s) if is_identifier(&s.as_bytes()) => {
-                out.extend_from_slice(&s.as_bytes());
+                w.out.extend_from_slice(&s.as_bytes());
             }
             _ => {
-                out.push(b'[');
-                write_value(k, out, max, path)?;
-                out.push(b']');
+                w.out.push(b'[');
+                w.value(k)?;
+                w.out.push(b']');
             }
         }
-        out.push(b'=');
-        write_value(v, out, max, path)?;
-        if out.len() > max {
+        w.out.push(b'=');
+        w.value(v)?;
+        if w.out.len() > w.max {
             return Err(SerializeError::TooLong);
         }
     }
-    out.push(b'}');
-    path.pop();
+    w.out.push(b'}');
+    w.path.pop();
     Ok(())
 }
 

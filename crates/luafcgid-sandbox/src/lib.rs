@@ -12,9 +12,14 @@
 //!
 //! What it does not do: it opens no sockets, reads no policy files and knows nothing of
 //! FastCGI; it does not pool states, decide when a state is retired, or render error pages
-//! (the pool and the binary do). It does not interrupt a single long-running C function such
-//! as a pathological pattern match (the hook only runs between VM instructions), and it does
-//! not yet neutralise `__gc` finalizers, which Lua runs with hooks disabled.
+//! (the pool and the binary do). Pattern matching (`string.find`, `match`, `gmatch`, `gsub`)
+//! is a metered Rust port that the limits interrupt; the other C functions that can run long
+//! in one call (`table.move`, `insert`, `remove`, `sort`, `load`, `string.rep`, `os.date`, the
+//! `luafcgid` helpers) are wrapped to work in slices with a deadline check between two, or to
+//! refuse at once. `setmetatable` refuses `__gc` (Lua runs finalizers with hooks off), and
+//! `xpcall` runs its message handler after the error, with hooks on. Known gap: when the hook
+//! stops a run, mlua's hook error path closes the running function's to-be-closed variables
+//! inside the hook, with hooks off, so a looping `__close` handler there is not interrupted.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +27,7 @@ mod env;
 mod helpers;
 mod limits;
 mod modules;
+mod pattern;
 mod request;
 mod state;
 mod status;
@@ -46,9 +52,10 @@ pub const HOOK_PERIOD: u32 = 250;
 
 /// Limits for one run of Lua code: a request, or the first run of a script's chunk.
 ///
-/// A value of zero means "no limit" for every field. The limits do not cover time spent inside
-/// one C function (a long pattern match, `table.concat` of a huge table): the hook runs only
-/// between VM instructions.
+/// A value of zero means "no limit" for every field. Pattern matching is metered (its steps count
+/// as instructions and the deadline is checked every few thousand of them); otherwise the
+/// limits do not cover time spent inside one C function (`table.concat` of a huge table): the
+/// hook runs only between VM instructions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// VM instruction budget, counted by a count hook in steps of [`HOOK_PERIOD`]

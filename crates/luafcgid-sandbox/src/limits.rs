@@ -92,6 +92,8 @@ pub(crate) struct Budget {
     tripped: AtomicU8,
     /// Highest Lua heap size seen during this run.
     peak: AtomicUsize,
+    /// The state's memory limit in bytes; 0 = none. Bounds the work single C calls may do.
+    memory_limit: AtomicUsize,
 }
 
 impl Budget {
@@ -104,6 +106,7 @@ impl Budget {
             next_probe: AtomicU64::new(0),
             tripped: AtomicU8::new(0),
             peak: AtomicUsize::new(0),
+            memory_limit: AtomicUsize::new(0),
         }
     }
 
@@ -154,6 +157,25 @@ impl Budget {
             .tripped
             .compare_exchange(0, stop.code(), Relaxed, Relaxed);
         self.stopped().unwrap_or(stop).error()
+    }
+
+    /// Errors if the run was stopped or its deadline has passed (then records the time
+    /// limit). For Rust code and wrappers that do long work between two hook calls.
+    pub(crate) fn step(&self) -> mlua::Result<()> {
+        self.check()?;
+        if self.now() >= self.deadline.load(Relaxed) {
+            return Err(self.trip(Stop::Limit(LimitKind::Time)));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn set_memory_limit(&self, bytes: usize) {
+        self.memory_limit.store(bytes, Relaxed);
+    }
+
+    /// The state's memory limit in bytes; 0 = none.
+    pub(crate) fn memory_limit(&self) -> usize {
+        self.memory_limit.load(Relaxed)
     }
 
     pub(crate) fn instructions(&self) -> u64 {
@@ -235,5 +257,31 @@ pub(crate) fn is_memory_error(err: &mlua::Error) -> bool {
         mlua::Error::BadArgument { cause, .. } => is_memory_error(cause),
         mlua::Error::WithContext { cause, .. } => is_memory_error(cause),
         _ => false,
+    }
+}
+
+impl Budget {
+    /// Charges `n` instructions of work done inside one Rust function (the pattern matcher)
+    /// and checks the limits as the hook does: the instruction budget, the deadline and, at
+    /// most once per [`PROBE_INTERVAL`], the abort flag.
+    pub(crate) fn charge(&self, lua: &Lua, n: u64) -> mlua::Result<()> {
+        self.check()?;
+        let counted = self.counted.load(Relaxed).saturating_add(n);
+        self.counted.store(counted, Relaxed);
+        if counted > self.instructions.load(Relaxed) {
+            return Err(self.trip(Stop::Limit(LimitKind::Instructions)));
+        }
+        let now = self.now();
+        if now >= self.deadline.load(Relaxed) {
+            return Err(self.trip(Stop::Limit(LimitKind::Time)));
+        }
+        if now >= self.next_probe.load(Relaxed) {
+            self.next_probe
+                .store(now + PROBE_INTERVAL.as_nanos() as u64, Relaxed);
+            if probe_abort(lua)? {
+                return Err(self.trip(Stop::Aborted));
+            }
+        }
+        Ok(())
     }
 }

@@ -72,7 +72,10 @@ impl ScriptState {
     /// else returns 0), `unpack`, a no-op `warn`, `require`; the libraries `string` (without
     /// `dump`), `table`, `math`, `utf8`, `coroutine` (limit-aware `resume`, `wrap`, `close`)
     /// and `os` with only `time`, `clock`, `date`, `difftime`. There is no `io`, `debug`,
-    /// `package`, `dofile` or `loadfile`.
+    /// `package`, `dofile` or `loadfile`. `setmetatable` refuses a metatable with `__gc`;
+    /// `getmetatable("")` gives a read-only stand-in; `table.move`, `insert`, `remove`, `sort`,
+    /// `string.rep`, `os.date` and `load` are wrapped so that no single call of them runs long
+    /// between two deadline checks.
     pub fn load(opts: &StateOptions, abort: &AtomicBool) -> Result<ScriptState, Failure> {
         let src = std::fs::read(&opts.script)?;
         let src = source_text(src).map_err(|m| Failure::Script {
@@ -89,6 +92,7 @@ impl ScriptState {
     /// A restricted state with the hook, the memory limit and `require`, before any script.
     fn new(opts: &StateOptions) -> mlua::Result<ScriptState> {
         let budget = Arc::new(Budget::new());
+        budget.set_memory_limit(opts.memory);
         let lua = new_state(DEFAULT_LIBS, &budget)?;
         lua.set_app_data(Ctx::new(Arc::clone(&budget)));
         lua.set_app_data(AbortProbe::default());

@@ -2,9 +2,11 @@
 
 mod entry;
 mod escapes;
+mod hardening;
 mod helpers;
 mod limits;
 mod modules;
+mod pattern;
 mod request;
 mod restricted;
 mod support;

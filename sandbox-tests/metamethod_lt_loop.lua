@@ -1,0 +1,7 @@
+-- expect: limit_cpu
+-- A looping __lt metamethod runs under the hook like any Lua code.
+function handler()
+    local mt = {__lt = function() while true do end end}
+    local a, b = setmetatable({}, mt), setmetatable({}, mt)
+    return tostring(a < b)
+end
