@@ -3,7 +3,7 @@
 //! Each file starts with `-- expect: OUTCOME` (`ok`, `script_error`, `limit_cpu`,
 //! `limit_time`, `limit_memory`, `limit_output`), optionally followed by `-- body: TEXT` (the
 //! exact body expected with `ok`). A script is loaded and serves one request under small
-//! limits: 10M instructions, 1 s, 16 MiB, 1 MiB of output. Load failures count as the
+//! limits: 10M instructions, 3 s, 16 MiB, 1 MiB of output. Load failures count as the
 //! script's outcome. All mismatches are reported together.
 
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use luafcgid_sandbox::{Failure, Limits, RequestInput, ScriptState, StateOptions};
 
-const TIMEOUT: Duration = Duration::from_secs(1);
+const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn limits() -> Limits {
     Limits {

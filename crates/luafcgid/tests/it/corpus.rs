@@ -1,6 +1,7 @@
 //! The sandbox corpus (`sandbox-tests/*.lua`) through the real daemon over FastCGI: every
 //! script answers with its expected outcome (checked in the audit log) within three times
-//! the time limit, and after each one a control script still answers and every Lua slot is
+//! the time limit (3 s: ample beside the 10M-instruction budget, so a loaded machine cannot
+//! turn an instruction limit into a time limit), and after each one a control script still answers and every Lua slot is
 //! free again.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-const LIMITS: &str = "[defaults]\ninstructions = 10_000_000\ntimeout_ms = 1000\nmemory = \"16MiB\"\noutput = \"1MiB\"\ninit_instructions = 10_000_000\ninit_timeout_ms = 1000\nclones = 1\n";
+const LIMITS: &str = "[defaults]\ninstructions = 10_000_000\ntimeout_ms = 3000\nmemory = \"16MiB\"\noutput = \"1MiB\"\ninit_instructions = 10_000_000\ninit_timeout_ms = 3000\nclones = 1\n";
 
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sandbox-tests")
@@ -61,7 +62,7 @@ fn corpus_through_the_daemon() {
         );
         let r = d.client().request(1, true, &params, b"");
         let took = t.elapsed();
-        if took > Duration::from_secs(3) {
+        if took > Duration::from_secs(9) {
             failures.push(format!("{name}: took {took:?}"));
         }
         let want_status = if outcome == "ok" { 200 } else { 500 };
