@@ -86,6 +86,9 @@ impl ScriptState {
         })?;
         state.run_init(opts, &src, abort)?;
         state.find_entry(opts)?;
+        // The bootstrap and the chunk leave garbage behind (sources, compiled prototypes of
+        // run-once code): collect it once, so an idle state holds only what it uses.
+        let _ = state.lua.gc_collect();
         Ok(state)
     }
 
