@@ -53,6 +53,18 @@ fn serve(args: ServeArgs) -> ExitCode {
         println!("{origin}: ok");
         return ExitCode::SUCCESS;
     }
+    for (set, what) in [
+        (config.metrics.is_some(), "`metrics` (the metrics listener)"),
+        (
+            config.user.is_some() || config.group.is_some(),
+            "`user`/`group` (privilege drop)",
+        ),
+        (config.rate_global.is_some(), "`rate_global` (rate limits)"),
+    ] {
+        if set {
+            tracing::warn!("{what} is accepted but not enforced by this version");
+        }
+    }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
