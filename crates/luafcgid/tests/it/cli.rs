@@ -108,3 +108,47 @@ fn a_socket_in_use_is_not_taken_over() {
     assert_eq!(status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already listening"));
 }
+
+#[test]
+fn sigterm_stops_the_daemon_and_removes_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("term.sock");
+    let mut child = luafcgid()
+        .args(["serve", "--docroot"])
+        .arg(dir.path())
+        .arg("--listen")
+        .arg(&sock)
+        .args(["--log", "/dev/null"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the daemon never created its socket");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = std::time::Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the daemon did not stop on SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert_eq!(code, Some(0));
+    assert!(!sock.exists(), "the socket it created is removed");
+}
