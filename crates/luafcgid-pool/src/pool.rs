@@ -125,6 +125,18 @@ impl<S> Entry<S> {
         }
     }
 
+    /// Forgets the states' version and moves the idle states to `doomed`; states still
+    /// leased are dropped at checkin. Returns how many idle states went and their memory.
+    fn retire(&mut self, doomed: &mut Vec<S>) -> (usize, usize) {
+        self.generation += 1;
+        self.stamp = None;
+        self.files.clear();
+        let count = self.idle.len();
+        let memory = self.idle.iter().map(|i| i.memory).sum();
+        doomed.extend(self.idle.drain(..).map(|i| i.state));
+        (count, memory)
+    }
+
     fn popularity(&self, now: Instant, half_life: Duration) -> f64 {
         let age = now.saturating_duration_since(self.scored_at).as_secs_f64();
         self.score * (-age / half_life.as_secs_f64()).exp2()
@@ -245,10 +257,9 @@ impl<S: Pooled> StatePool<S> {
             entry.scored_at = now;
             if entry.stamp != Some(stamp) {
                 if entry.stamp.is_some() {
-                    entry.generation += 1;
-                    inner.total -= entry.idle.len();
-                    inner.memory -= entry.idle.iter().map(|i| i.memory).sum::<usize>();
-                    doomed.extend(entry.idle.drain(..).map(|i| i.state));
+                    let (count, memory) = entry.retire(&mut doomed);
+                    inner.total -= count;
+                    inner.memory -= memory;
                 }
                 entry.stamp = Some(stamp);
                 entry.files.clear();
@@ -413,18 +424,11 @@ impl<S: Pooled> StatePool<S> {
         let doomed = {
             let mut inner = self.lock();
             let mut doomed = Vec::new();
-            let mut drop_n = 0;
-            let mut freed = 0;
             if let Some(entry) = inner.entries.get_mut(key) {
-                entry.generation += 1;
-                entry.stamp = None;
-                entry.files.clear();
-                drop_n = entry.idle.len();
-                freed = entry.idle.iter().map(|i| i.memory).sum::<usize>();
-                doomed.extend(entry.idle.drain(..).map(|i| i.state));
+                let (count, memory) = entry.retire(&mut doomed);
+                inner.total -= count;
+                inner.memory -= memory;
             }
-            inner.total -= drop_n;
-            inner.memory -= freed;
             doomed
         };
         drop_all(doomed);
@@ -461,12 +465,9 @@ impl<S: Pooled> StatePool<S> {
             for (key, generation) in stale {
                 if let Some(entry) = inner.entries.get_mut(&key) {
                     if entry.generation == generation {
-                        entry.generation += 1;
-                        entry.stamp = None;
-                        entry.files.clear();
-                        inner.total -= entry.idle.len();
-                        inner.memory -= entry.idle.iter().map(|i| i.memory).sum::<usize>();
-                        doomed.extend(entry.idle.drain(..).map(|i| i.state));
+                        let (count, memory) = entry.retire(&mut doomed);
+                        inner.total -= count;
+                        inner.memory -= memory;
                         retired.push(key);
                     }
                 }

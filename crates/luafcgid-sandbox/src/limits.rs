@@ -192,8 +192,17 @@ impl Budget {
 
     /// The count hook: runs every [`HOOK_PERIOD`] instructions in every coroutine.
     fn on_hook(&self, lua: &Lua) -> mlua::Result<VmState> {
+        let now = self.count(u64::from(HOOK_PERIOD))?;
+        self.note_memory(lua.used_memory());
+        self.probe(lua, now)?;
+        Ok(VmState::Continue)
+    }
+
+    /// Counts `n` instructions and checks the instruction budget and the deadline; returns
+    /// the time it checked against.
+    fn count(&self, n: u64) -> mlua::Result<u64> {
         self.check()?;
-        let counted = self.counted.load(Relaxed) + u64::from(HOOK_PERIOD);
+        let counted = self.counted.load(Relaxed).saturating_add(n);
         self.counted.store(counted, Relaxed);
         if counted > self.instructions.load(Relaxed) {
             return Err(self.trip(Stop::Limit(LimitKind::Instructions)));
@@ -202,7 +211,11 @@ impl Budget {
         if now >= self.deadline.load(Relaxed) {
             return Err(self.trip(Stop::Limit(LimitKind::Time)));
         }
-        self.note_memory(lua.used_memory());
+        Ok(now)
+    }
+
+    /// Asks the abort probe, at most once per [`PROBE_INTERVAL`].
+    fn probe(&self, lua: &Lua, now: u64) -> mlua::Result<()> {
         if now >= self.next_probe.load(Relaxed) {
             self.next_probe
                 .store(now + PROBE_INTERVAL.as_nanos() as u64, Relaxed);
@@ -210,7 +223,7 @@ impl Budget {
                 return Err(self.trip(Stop::Aborted));
             }
         }
-        Ok(VmState::Continue)
+        Ok(())
     }
 }
 
@@ -265,23 +278,7 @@ impl Budget {
     /// and checks the limits as the hook does: the instruction budget, the deadline and, at
     /// most once per [`PROBE_INTERVAL`], the abort flag.
     pub(crate) fn charge(&self, lua: &Lua, n: u64) -> mlua::Result<()> {
-        self.check()?;
-        let counted = self.counted.load(Relaxed).saturating_add(n);
-        self.counted.store(counted, Relaxed);
-        if counted > self.instructions.load(Relaxed) {
-            return Err(self.trip(Stop::Limit(LimitKind::Instructions)));
-        }
-        let now = self.now();
-        if now >= self.deadline.load(Relaxed) {
-            return Err(self.trip(Stop::Limit(LimitKind::Time)));
-        }
-        if now >= self.next_probe.load(Relaxed) {
-            self.next_probe
-                .store(now + PROBE_INTERVAL.as_nanos() as u64, Relaxed);
-            if probe_abort(lua)? {
-                return Err(self.trip(Stop::Aborted));
-            }
-        }
-        Ok(())
+        let now = self.count(n)?;
+        self.probe(lua, now)
     }
 }

@@ -137,12 +137,7 @@ where
                             let alone = in_flight.len() == 1 && start == inbuf.len();
                             let inline = alone.then_some(&probe as &dyn ClientProbe);
                             if let Some(reply) = dispatch(&shared, inc, answer, &tx, inline) {
-                                if let Framing::FastCgi { id } = reply.framing {
-                                    in_flight.remove(&id);
-                                    decoder.finish(id);
-                                }
-                                out.extend_from_slice(&reply.bytes);
-                                if !reply.keep_conn {
+                                if !queue_reply(reply, &mut in_flight, &mut decoder, &mut out) {
                                     closing = true;
                                 }
                             }
@@ -221,21 +216,11 @@ where
                 }
             }
             Some(reply) = rx.recv() => {
-                if let Framing::FastCgi { id } = reply.framing {
-                    in_flight.remove(&id);
-                    decoder.finish(id);
-                }
                 progress = Instant::now();
-                out.extend_from_slice(&reply.bytes);
-                let mut keep = reply.keep_conn;
+                let mut keep = queue_reply(reply, &mut in_flight, &mut decoder, &mut out);
                 // Write what else is ready in the same syscall.
                 while let Ok(more) = rx.try_recv() {
-                    if let Framing::FastCgi { id } = more.framing {
-                        in_flight.remove(&id);
-                        decoder.finish(id);
-                    }
-                    keep &= more.keep_conn;
-                    out.extend_from_slice(&more.bytes);
+                    keep &= queue_reply(more, &mut in_flight, &mut decoder, &mut out);
                 }
                 if write_out(&mut stream, &mut out, config.read_timeout).await.is_err() {
                     break 'conn;
@@ -262,6 +247,22 @@ where
         f.abort.store(true, Ordering::Relaxed);
     }
     let _ = stream.shutdown().await;
+}
+
+/// Queues a finished reply: frees its request id and appends its bytes to `out`. Returns
+/// whether the connection may stay open after it.
+fn queue_reply(
+    reply: Reply,
+    in_flight: &mut HashMap<u16, InFlight>,
+    decoder: &mut Decoder,
+    out: &mut Vec<u8>,
+) -> bool {
+    if let Framing::FastCgi { id } = reply.framing {
+        in_flight.remove(&id);
+        decoder.finish(id);
+    }
+    out.extend_from_slice(&reply.bytes);
+    reply.keep_conn
 }
 
 async fn write_out<S: AsyncWrite + Unpin>(

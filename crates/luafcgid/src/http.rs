@@ -28,7 +28,7 @@ pub(crate) async fn accept(l: TcpListener, shared: Arc<Shared>, connections: Arc
     loop {
         match l.accept().await {
             Ok((stream, peer)) => {
-                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                let Some(permit) = crate::server::connection_permit(&shared, &connections) else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);

@@ -330,15 +330,26 @@ fn allowed(shared: &Shared, ip: IpAddr) -> bool {
 /// Waits a little after an accept error (descriptors exhausted, ...) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// A permit for one more connection, or `None` (counted as refused) at the cap; the caller
+/// then drops the connection at once.
+pub(crate) fn connection_permit(
+    shared: &Shared,
+    connections: &Arc<Semaphore>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let permit = connections.clone().try_acquire_owned().ok();
+    if permit.is_none() {
+        shared
+            .refused_connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    permit
+}
+
 async fn accept_tcp(l: TcpListener, shared: Arc<Shared>, connections: Arc<Semaphore>) {
     loop {
         match l.accept().await {
             Ok((stream, peer)) => {
-                let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    shared
-                        .refused_connections
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    drop(stream);
+                let Some(permit) = connection_permit(&shared, &connections) else {
                     continue;
                 };
                 if !allowed(&shared, peer.ip()) {
@@ -365,11 +376,7 @@ async fn accept_unix(l: UnixListener, shared: Arc<Shared>, connections: Arc<Sema
     loop {
         match l.accept().await {
             Ok((stream, _)) => {
-                let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    shared
-                        .refused_connections
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    drop(stream);
+                let Some(permit) = connection_permit(&shared, &connections) else {
                     continue;
                 };
                 let shared = shared.clone();

@@ -142,32 +142,22 @@ impl Daemon {
 
     /// Waits (bounded) until `n` states are leased to running requests.
     pub fn wait_leased(&self, n: usize) {
-        let t = std::time::Instant::now();
-        loop {
-            let s = self.shared.pool.stats();
-            if s.states - s.idle >= n {
-                return;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "never saw {n} busy states: {s:?}"
-            );
-            std::thread::yield_now();
-        }
+        self.wait_for_leased(|leased| leased >= n, &format!("never saw {n} busy states"));
     }
 
     /// Waits (bounded) until at most `n` states are leased.
     pub fn wait_leased_at_most(&self, n: usize) {
+        self.wait_for_leased(|leased| leased <= n, "states stay busy");
+    }
+
+    fn wait_for_leased(&self, done: impl Fn(usize) -> bool, what: &str) {
         let t = std::time::Instant::now();
         loop {
             let s = self.shared.pool.stats();
-            if s.states - s.idle <= n {
+            if done(s.states - s.idle) {
                 return;
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "states stay busy: {s:?}"
-            );
+            assert!(t.elapsed() < Duration::from_secs(10), "{what}: {s:?}");
             std::thread::yield_now();
         }
     }
