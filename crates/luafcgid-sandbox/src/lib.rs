@@ -5,7 +5,7 @@
 //! [`ScriptState::load`] for the exact list), runs the script's top-level chunk once under the
 //! init [`Limits`], then serves requests through [`ScriptState::handle`]: a request object
 //! (`r`/`con`) scoped to the request, the entry function (`handler(r)` or `main(env, con)`), an
-//! instruction budget and a wall-clock deadline enforced by one count hook, a per-state memory
+//! instruction budget and a wall-clock deadline enforced by one budget hook, a per-state memory
 //! limit, an output limit, an abort flag, and `require` confined to the tenant's tree. Every
 //! outcome is typed ([`Failure`], [`LimitKind`]); nothing is classified by matching error text
 //! except Lua's own "not enough memory" (see [`LimitKind::Memory`]).
@@ -21,7 +21,7 @@
 //! stops a run, mlua's hook error path closes the running function's to-be-closed variables
 //! inside the hook, with hooks off, so a looping `__close` handler there is not interrupted.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod env;
 mod helpers;
@@ -31,6 +31,7 @@ mod pattern;
 mod request;
 mod state;
 mod status;
+mod vm;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -39,16 +40,16 @@ use std::time::Duration;
 pub use state::ScriptState;
 pub use status::status_reason;
 
-/// How many VM instructions run between two calls of the count hook. Instruction budgets are
-/// counted at this granularity, and the wall-clock deadline is checked this often (the abort
-/// flag at most once a millisecond).
+/// The most instruction units the VM runs between two calls of the budget hook (which
+/// counts them, checks the instruction budget, the deadline and, at most once a millisecond,
+/// the abort flag). The watchdog also interrupts every run every 2 ms, so the deadline is
+/// checked at least that often whatever the script does between two charges.
 ///
-/// Measured on the project's 2-core machine (release build, a tight arithmetic loop): no hook
-/// 1.6 ns per instruction, period 1000 2.9 ns, period 250 3.0 ns, period 100 3.5 ns. Setting
-/// any count hook costs most of that (Lua takes its slow path for every instruction); 250
-/// instead of 1000 costs ~5% more and makes the deadline four times tighter when a script
-/// runs many medium-sized C calls (each ~10 instructions apart).
-pub const HOOK_PERIOD: u32 = 250;
+/// Units are charged by the patched VM (`vendor/lua-src/PATCHES.md`): one per function call,
+/// the instructions from a function's start to its return, and a loop body's length at every
+/// backward jump. That equals the instructions executed except that instructions skipped by
+/// a forward jump (an `if` branch not taken) are counted too.
+pub const BUDGET_PERIOD: u64 = 100_000;
 
 /// Limits for one run of Lua code: a request, or the first run of a script's chunk.
 ///
@@ -58,8 +59,8 @@ pub const HOOK_PERIOD: u32 = 250;
 /// hook runs only between VM instructions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// VM instruction budget, counted by a count hook in steps of [`HOOK_PERIOD`]
-    /// instructions (a run may execute up to `HOOK_PERIOD - 1` instructions more).
+    /// VM instruction budget, in the units of [`BUDGET_PERIOD`]; a run stops at the first
+    /// charge past it (at most one loop body or one function's length more).
     pub instructions: u64,
     /// Wall-clock time, checked at every hook call.
     pub timeout: Duration,
@@ -122,8 +123,8 @@ pub struct RequestInput<'a> {
 pub struct Report {
     /// The response, or why there is none.
     pub result: Result<Response, Failure>,
-    /// VM instructions executed, in steps of [`HOOK_PERIOD`] (a request shorter than that
-    /// reports 0).
+    /// VM instructions executed, in the units of [`BUDGET_PERIOD`], plus the steps of the
+    /// metered Rust functions (the pattern matcher).
     pub instructions: u64,
     /// Peak Lua heap bytes of the state seen during the request (sampled at every hook call
     /// and at the end).

@@ -1,22 +1,30 @@
-//! The per-state budget behind the instruction, time, memory and output limits, and the count
-//! hook that enforces the first two.
+//! The per-state budget behind the instruction, time, memory and output limits, and the
+//! budget hook that enforces the first two.
 //!
-//! One [`Budget`] is shared (through an `Arc`) by the state's global count hook, the Rust
-//! functions exposed to scripts and the limit-aware wrappers of `pcall` and friends. It is
-//! re-armed before every run. Once something trips it, the trip is sticky until the next
-//! arm: the hook raises on every later call and every wrapper re-raises, so a script cannot
-//! catch its way past a limit. Classification is by the tripped flag, never by error text.
+//! One [`Budget`] is shared (through an `Arc`) by the state's budget hook, the Rust functions
+//! exposed to scripts and the limit-aware wrappers of `pcall` and friends. It is re-armed
+//! before every run. The VM charges instructions to it (see `vm`) and calls the hook when a
+//! grant of at most [`BUDGET_PERIOD`] units is spent or the watchdog interrupts the run (every
+//! `vm::TICK`); the hook counts, checks the instruction budget, the deadline and the abort
+//! flag, and grants more. Once something trips the budget, the trip is sticky until the next
+//! arm: no unit is granted any more, so the hook raises at the next call, return or loop
+//! iteration, and every wrapper re-raises, so a script cannot catch its way past a limit.
+//! Classification is by the tripped flag, never by error text.
 //!
 //! The hook does not see the request's abort flag directly (the hook must be `'static`, the
 //! flag is borrowed); it asks a request-scoped probe function, at most once per
 //! [`PROBE_INTERVAL`] of wall-clock time.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicI64, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
+};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use mlua::{Function, HookTriggers, Lua, VmState};
+use mlua::{Function, Lua, VmState};
 
-use crate::{LimitKind, Limits, HOOK_PERIOD};
+use crate::vm::{thread_slot, Slot, VmBudget};
+use crate::{LimitKind, Limits, BUDGET_PERIOD};
 
 /// How often, at most, the hook asks whether the request was aborted.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(1);
@@ -80,8 +88,14 @@ pub(crate) struct AbortProbe(pub(crate) Option<Function>);
 #[derive(Debug)]
 pub(crate) struct Budget {
     epoch: Instant,
-    /// Instructions counted so far (hook calls × period).
+    /// Instructions counted so far, up to the current grant.
     counted: AtomicU64,
+    /// The slot the VM charges during a run (null between runs).
+    slot: AtomicPtr<Slot>,
+    /// Units in the current grant.
+    granted: AtomicI64,
+    /// The state's side of the VM budget, set once the state exists.
+    vm: OnceLock<VmBudget>,
     /// Instruction budget; `u64::MAX` = none.
     instructions: AtomicU64,
     /// Deadline in nanoseconds since `epoch`; `u64::MAX` = none.
@@ -101,6 +115,9 @@ impl Budget {
         Budget {
             epoch: Instant::now(),
             counted: AtomicU64::new(0),
+            slot: AtomicPtr::new(std::ptr::null_mut()),
+            granted: AtomicI64::new(0),
+            vm: OnceLock::new(),
             instructions: AtomicU64::new(u64::MAX),
             deadline: AtomicU64::new(u64::MAX),
             next_probe: AtomicU64::new(0),
@@ -134,6 +151,51 @@ impl Budget {
             .store(now + PROBE_INTERVAL.as_nanos() as u64, Relaxed);
         self.tripped.store(0, Relaxed);
         self.peak.store(memory_now, Relaxed);
+        if let Some(vm) = self.vm.get() {
+            let slot = thread_slot();
+            let grant = self.next_grant(0);
+            self.granted.store(grant, Relaxed);
+            slot.grant(grant);
+            self.slot
+                .store(std::ptr::from_ref(slot).cast_mut(), Relaxed);
+            vm.attach(slot);
+        }
+    }
+
+    /// Ends a run: counts the rest of the grant and detaches the VM.
+    pub(crate) fn disarm(&self) {
+        if let (Some(vm), Some(slot)) = (self.vm.get(), self.current_slot()) {
+            self.settle(slot);
+            vm.detach(slot);
+            self.slot.store(std::ptr::null_mut(), Relaxed);
+        }
+    }
+
+    fn current_slot(&self) -> Option<&'static Slot> {
+        // SAFETY-free: the pointer is null or comes from a `&'static Slot` (see `arm`).
+        let ptr = self.slot.load(Relaxed);
+        crate::vm::slot_ref(ptr)
+    }
+
+    /// Moves what the VM used of the current grant into `counted` and empties the grant.
+    fn settle(&self, slot: &Slot) {
+        let used = self.granted.load(Relaxed) - slot.left();
+        let used = u64::try_from(used).unwrap_or(0);
+        self.counted
+            .store(self.counted.load(Relaxed).saturating_add(used), Relaxed);
+        self.granted.store(0, Relaxed);
+        slot.grant(0);
+    }
+
+    /// The next grant: the period, or what is left of the instruction budget if less (at
+    /// least one unit, so the hook comes back and raises).
+    fn next_grant(&self, counted: u64) -> i64 {
+        let left = self
+            .instructions
+            .load(Relaxed)
+            .saturating_sub(counted)
+            .max(1);
+        i64::try_from(left.min(BUDGET_PERIOD)).unwrap_or(i64::MAX)
     }
 
     /// The stop of the current run, if any.
@@ -178,8 +240,14 @@ impl Budget {
         self.memory_limit.load(Relaxed)
     }
 
+    /// Instructions counted in this run so far.
     pub(crate) fn instructions(&self) -> u64 {
-        self.counted.load(Relaxed)
+        let in_grant = self
+            .current_slot()
+            .map_or(0, |slot| self.granted.load(Relaxed) - slot.left());
+        self.counted
+            .load(Relaxed)
+            .saturating_add(u64::try_from(in_grant).unwrap_or(0))
     }
 
     pub(crate) fn note_memory(&self, bytes: usize) {
@@ -190,11 +258,19 @@ impl Budget {
         self.peak.load(Relaxed)
     }
 
-    /// The count hook: runs every [`HOOK_PERIOD`] instructions in every coroutine.
+    /// The budget hook: runs when a grant is spent or the watchdog interrupts the run, in
+    /// whichever coroutine is running. Grants nothing once the run is stopped.
     fn on_hook(&self, lua: &Lua) -> mlua::Result<VmState> {
-        let now = self.count(u64::from(HOOK_PERIOD))?;
+        let Some(slot) = self.current_slot() else {
+            return Ok(VmState::Continue);
+        };
+        self.settle(slot);
+        let now = self.count(0)?;
         self.note_memory(lua.used_memory());
         self.probe(lua, now)?;
+        let grant = self.next_grant(self.counted.load(Relaxed));
+        self.granted.store(grant, Relaxed);
+        slot.grant(grant);
         Ok(VmState::Continue)
     }
 
@@ -202,9 +278,11 @@ impl Budget {
     /// the time it checked against.
     fn count(&self, n: u64) -> mlua::Result<u64> {
         self.check()?;
-        let counted = self.counted.load(Relaxed).saturating_add(n);
-        self.counted.store(counted, Relaxed);
-        if counted > self.instructions.load(Relaxed) {
+        if n > 0 {
+            let counted = self.counted.load(Relaxed).saturating_add(n);
+            self.counted.store(counted, Relaxed);
+        }
+        if self.instructions() > self.instructions.load(Relaxed) {
             return Err(self.trip(Stop::Limit(LimitKind::Instructions)));
         }
         let now = self.now();
@@ -239,13 +317,15 @@ fn probe_abort(lua: &Lua) -> mlua::Result<bool> {
     }
 }
 
-/// Installs the count hook of `budget` on every thread of `lua`, coroutines the script creates
-/// included (`set_hook` would reach only the main thread).
+/// Installs the budget hook of `budget` on `lua`: it runs in whichever coroutine is running
+/// when the VM calls it.
 pub(crate) fn install_hook(lua: &Lua, budget: std::sync::Arc<Budget>) -> mlua::Result<()> {
-    lua.set_global_hook(
-        HookTriggers::new().every_nth_instruction(HOOK_PERIOD),
-        move |lua, _debug| budget.on_hook(lua),
-    )
+    let hooked = std::sync::Arc::clone(&budget);
+    let vm = VmBudget::install(lua, move |lua, _debug| hooked.on_hook(lua))?;
+    budget
+        .vm
+        .set(vm)
+        .map_err(|_| mlua::Error::runtime("the budget hook is already installed"))
 }
 
 /// Whether `err` (a Lua error value) is Lua's out-of-memory error.

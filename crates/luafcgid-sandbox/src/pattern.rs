@@ -11,7 +11,7 @@
 //! counts its work in steps (one per call of the core match function, per subject character
 //! tried by a repetition or `%b`, per 64 bytes compared or copied) and every [`CHECK_EVERY`]
 //! steps charges them to the state's [`Budget`] as instructions and checks the deadline and
-//! the abort flag, tripping the budget as the count hook does: a pathological pattern, a
+//! the abort flag, tripping the budget as the budget hook does: a pathological pattern, a
 //! plain search of a long needle or a huge `gsub` ends as `limit_time` (or `limit_cpu`) within
 //! a fraction of a millisecond of the limit. A `gsub` result is built in chunks that are Lua
 //! strings, so it stays under the state's memory limit. Errors are raised as Lua strings

@@ -259,6 +259,7 @@ impl ScriptState {
 
     /// Ends a run: drops request-scoped values, records memory and newly loaded modules.
     fn end(&mut self) -> Response {
+        self.budget.disarm();
         set_probe(&self.lua, None);
         self.budget.note_memory(self.lua.used_memory());
         let (response, new_files) = with_ctx(&self.lua, |ctx| {

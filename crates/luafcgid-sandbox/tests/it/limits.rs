@@ -13,9 +13,9 @@ fn instruction_limit() {
     let mut s = load("function handler() while true do end end");
     let report = request(&mut s.state);
     let instructions = report.instructions;
-    let period = u64::from(luafcgid_sandbox::HOOK_PERIOD);
+    // The run stops at the first charge past the budget: here one loop iteration.
     assert!(
-        (10_000_000..=10_000_000 + period).contains(&instructions),
+        (10_000_000..=10_000_010).contains(&instructions),
         "{instructions}"
     );
     let failure = report.result.unwrap_err();
@@ -263,4 +263,40 @@ fn client_probe_stops_a_running_request() {
     );
     assert!(start.elapsed() < Duration::from_millis(500));
     assert!(req.abort.load(Ordering::Relaxed), "the flag records it");
+}
+
+#[test]
+fn time_limit_stops_a_loop_of_expensive_c_calls() {
+    // Each iteration is a few instructions around one C call of several milliseconds, so
+    // the instruction budget would come due only after minutes: the watchdog's interrupt
+    // makes the hook check the deadline every few milliseconds anyway.
+    let mut s = load(
+        "local s = string.rep('x', 4 * 1024 * 1024)
+         function handler() while true do local u = s:upper() end end",
+    );
+    let limits = Limits {
+        instructions: 0,
+        timeout: Duration::from_millis(200),
+        output: 0,
+    };
+    let start = Instant::now();
+    let report = Req::default().run(&mut s.state, &limits);
+    let elapsed = start.elapsed();
+    expect_limit(report, LimitKind::Time);
+    assert!(elapsed < Duration::from_millis(300), "{elapsed:?}");
+}
+
+#[test]
+fn instructions_are_counted_as_executed() {
+    // A loop body of `n` instructions is charged `n` units per iteration (the backward
+    // jump's length), plus the few instructions around the loop.
+    for (body, per_iteration) in [("", 1), ("local x = i * 2 local y = x + 1", 5)] {
+        let mut s = load(format!(
+            "function handler() for i = 1, 1000000 do {body} end end"
+        ));
+        let report = request(&mut s.state);
+        let n = report.instructions;
+        let expected = 1_000_000 * per_iteration;
+        assert!((expected..expected + 40).contains(&n), "{body}: {n}");
+    }
 }

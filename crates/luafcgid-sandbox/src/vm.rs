@@ -1,0 +1,259 @@
+//! The VM's instruction budget and the watchdog that interrupts long runs: the only module of
+//! this crate that touches Lua's C API directly.
+//!
+//! The vendored Lua carries a small patch (`vendor/lua-src/PATCHES.md`): the VM charges units
+//! to a budget at function entries, returns and backward jumps, and when the budget is spent
+//! or an interrupt flag is set it calls the state's budget hook once, at the next
+//! instruction. Nothing runs per instruction, so, unlike a Lua count hook (which sends every
+//! instruction down the VM's slow path and doubles the run time of tight loops), an armed
+//! budget costs a few percent. The budget's two integers live in a [`Slot`] of the thread
+//! running the state: one per thread, in a static table, so the watchdog may write to any of
+//! them at any time without a lock and without a pointer that could dangle.
+//!
+//! The watchdog is one thread per process. While any slot is active it sets every active
+//! slot's interrupt flag every [`TICK`], so the hook (which checks the deadline and the abort
+//! flag) runs at least that often even in code that charges the budget rarely, such as a
+//! loop of expensive C calls. It parks when no run has been active for a while and a run
+//! start wakes it.
+//!
+//! What it does not do: decide anything. The hook (in `limits`) counts, compares and raises;
+//! this module only moves units and flags between the VM and the hook.
+
+#![allow(unsafe_code)]
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread::Thread;
+use std::time::Duration;
+
+use mlua::{ffi, HookTriggers, Lua};
+
+unsafe extern "C-unwind" {
+    /// Points the VM's budget at `budget` (two integers: units left, interrupt flag) and
+    /// names the hook to call when it is spent; NULL `budget` detaches it. Part of the patch
+    /// to the vendored Lua.
+    fn lua_setbudget(l: *mut ffi::lua_State, f: Option<ffi::lua_Hook>, budget: *mut i64);
+}
+
+/// How often the watchdog interrupts every active run.
+pub(crate) const TICK: Duration = Duration::from_millis(2);
+
+/// How many idle ticks the watchdog waits before it parks.
+const IDLE_TICKS: u32 = 500;
+
+/// Slots in the static table; threads beyond that get a private slot the watchdog does not
+/// see (their runs still stop at the instruction budget and, at every refill, the deadline).
+const SLOTS: usize = 1024;
+
+/// One thread's budget: the two integers the VM reads and writes (`left`, `interrupt`, in
+/// this order, as the patch expects), and whether a run is active on the thread.
+#[repr(C, align(128))]
+pub(crate) struct Slot {
+    left: AtomicI64,
+    interrupt: AtomicI64,
+    active: AtomicBool,
+}
+
+impl Slot {
+    const fn new() -> Slot {
+        Slot {
+            left: AtomicI64::new(i64::MAX),
+            interrupt: AtomicI64::new(0),
+            active: AtomicBool::new(false),
+        }
+    }
+
+    /// Units left in the current grant (zero or less when spent).
+    pub(crate) fn left(&self) -> i64 {
+        self.left.load(Ordering::Relaxed)
+    }
+
+    /// Grants `units` more and clears the interrupt flag.
+    pub(crate) fn grant(&self, units: i64) {
+        self.interrupt.store(0, Ordering::Relaxed);
+        self.left.store(units, Ordering::Relaxed);
+    }
+
+    fn as_budget(&self) -> *mut i64 {
+        // `AtomicI64` has the layout of `i64`; the VM accesses both words atomically.
+        self.left.as_ptr()
+    }
+}
+
+static TABLE: [Slot; SLOTS] = [const { Slot::new() }; SLOTS];
+/// Slots ever handed out: the watchdog scans `TABLE[..HIGH]`.
+static HIGH: AtomicUsize = AtomicUsize::new(0);
+/// Slots released by threads that ended.
+static FREE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// A thread's claim on a slot, given back when the thread ends.
+struct Claim(&'static Slot, Option<usize>);
+
+impl Claim {
+    fn new() -> Claim {
+        let reused = FREE.lock().map(|mut free| free.pop()).unwrap_or(None);
+        let index = reused.or_else(|| {
+            HIGH.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < SLOTS).then_some(n + 1)
+            })
+            .ok()
+        });
+        match index {
+            Some(i) => Claim(&TABLE[i], Some(i)),
+            None => Claim(Box::leak(Box::new(Slot::new())), None),
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.active.store(false, Ordering::SeqCst);
+        if let (Some(i), Ok(mut free)) = (self.1, FREE.lock()) {
+            free.push(i);
+        }
+    }
+}
+
+thread_local! {
+    static CLAIM: Claim = Claim::new();
+    static CLAIMED: Cell<Option<&'static Slot>> = const { Cell::new(None) };
+}
+
+/// The calling thread's slot.
+pub(crate) fn thread_slot() -> &'static Slot {
+    if let Some(slot) = CLAIMED.with(Cell::get) {
+        return slot;
+    }
+    let slot = CLAIM.with(|c| c.0);
+    CLAIMED.with(|c| c.set(Some(slot)));
+    slot
+}
+
+/// The slot behind `ptr`, a pointer made from a `&'static Slot` (or null).
+pub(crate) fn slot_ref(ptr: *mut Slot) -> Option<&'static Slot> {
+    // SAFETY: callers store only null or pointers obtained from `&'static Slot`.
+    unsafe { ptr.cast_const().as_ref() }
+}
+
+/// The budget side of one Lua state: its main thread and the hook the VM calls.
+#[derive(Debug)]
+pub(crate) struct VmBudget {
+    state: *mut ffi::lua_State,
+    hook: Option<ffi::lua_Hook>,
+}
+
+// SAFETY: the pointers are used only by the thread that holds the state's `ScriptState`
+// (`&mut`), one thread at a time; they are never dereferenced by this crate.
+unsafe impl Send for VmBudget {}
+unsafe impl Sync for VmBudget {}
+
+impl VmBudget {
+    /// Registers `callback` as the state's budget hook. The hook stays detached until
+    /// [`VmBudget::attach`].
+    pub(crate) fn install<F>(lua: &Lua, callback: F) -> mlua::Result<VmBudget>
+    where
+        F: Fn(&Lua, &mlua::debug::Debug) -> mlua::Result<mlua::VmState> + Send + 'static,
+    {
+        // Let mlua store the callback and install its global hook procedure (which finds the
+        // callback from any coroutine of the state and turns its errors into Lua errors),
+        // then take that procedure off the count hook and hand it to the budget instead.
+        lua.set_global_hook(HookTriggers::new().every_nth_instruction(1), callback)?;
+        let mut state = std::ptr::null_mut();
+        let mut hook = None;
+        // SAFETY: runs on the state's own thread, inside mlua's protected call; reads and
+        // clears the main thread's hook.
+        unsafe {
+            lua.exec_raw::<()>((), |l| {
+                hook = ffi::lua_gethook(l);
+                ffi::lua_sethook(l, None, 0, 0);
+                state = l;
+            })?;
+        }
+        if hook.is_none() {
+            return Err(mlua::Error::runtime("the budget hook was not installed"));
+        }
+        Ok(VmBudget { state, hook })
+    }
+
+    /// Points the VM's budget at `slot` for a run and wakes the watchdog.
+    pub(crate) fn attach(&self, slot: &'static Slot) {
+        // SAFETY: `state` is this state's main thread, alive as long as `self` (owned by the
+        // state's budget); the VM is not running (we are between two calls into it on the
+        // thread that owns it); `slot` is 'static.
+        unsafe { lua_setbudget(self.state, self.hook, slot.as_budget()) };
+        slot.active.store(true, Ordering::SeqCst);
+        watchdog().wake_if_parked();
+    }
+
+    /// Detaches the VM's budget from `slot` at the end of a run.
+    pub(crate) fn detach(&self, slot: &'static Slot) {
+        slot.active.store(false, Ordering::Relaxed);
+        // SAFETY: as in `attach`.
+        unsafe { lua_setbudget(self.state, None, std::ptr::null_mut()) };
+    }
+}
+
+/// The process's watchdog thread (`None` if it could not be started: runs then still stop
+/// at the instruction budget, and check the deadline at every refill).
+struct Watchdog {
+    thread: Option<Thread>,
+    parked: AtomicBool,
+}
+
+fn watchdog() -> &'static Watchdog {
+    static WATCHDOG: OnceLock<Watchdog> = OnceLock::new();
+    WATCHDOG.get_or_init(|| Watchdog {
+        thread: std::thread::Builder::new()
+            .name("luafcgid-watchdog".into())
+            .spawn(watch)
+            .ok()
+            .map(|handle| handle.thread().clone()),
+        parked: AtomicBool::new(false),
+    })
+}
+
+impl Watchdog {
+    fn wake_if_parked(&self) {
+        if self.parked.load(Ordering::SeqCst) {
+            if let Some(thread) = &self.thread {
+                thread.unpark();
+            }
+        }
+    }
+}
+
+fn any_active() -> bool {
+    let high = HIGH.load(Ordering::Acquire);
+    TABLE[..high]
+        .iter()
+        .any(|s| s.active.load(Ordering::SeqCst))
+}
+
+/// The watchdog's loop: interrupt every active run each tick; park when idle.
+fn watch() {
+    let mut idle = 0u32;
+    loop {
+        std::thread::sleep(TICK);
+        let high = HIGH.load(Ordering::Acquire);
+        let mut active = false;
+        for slot in &TABLE[..high] {
+            if slot.active.load(Ordering::Relaxed) {
+                slot.interrupt.store(1, Ordering::Relaxed);
+                active = true;
+            }
+        }
+        idle = if active { 0 } else { idle + 1 };
+        if idle >= IDLE_TICKS {
+            let dog = watchdog();
+            dog.parked.store(true, Ordering::SeqCst);
+            // A run that started after the scan above either sees `parked` and unparks us,
+            // or is seen here.
+            if !any_active() {
+                std::thread::park();
+            }
+            dog.parked.store(false, Ordering::SeqCst);
+            idle = 0;
+        }
+    }
+}
