@@ -25,6 +25,10 @@ fn bench(name: &str, src: &str, iterations: u32) {
         modules: true,
         entry: None,
         memory: 64 << 20,
+        libs: luafcgid_sandbox::DEFAULT_LIBS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         init: limits.clone(),
     };
     let abort = AtomicBool::new(false);

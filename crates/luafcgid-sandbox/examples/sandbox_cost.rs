@@ -12,7 +12,6 @@ use luafcgid_sandbox::{Limits, RequestInput, ScriptState, StateOptions};
 
 include!("support/workloads.rs");
 
-
 const RUNS: u32 = 5;
 
 fn best_of(mut f: impl FnMut()) -> Duration {
@@ -63,6 +62,10 @@ fn main() {
             modules: false,
             entry: None,
             memory: 1 << 30,
+            libs: luafcgid_sandbox::DEFAULT_LIBS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             init: limits.clone(),
         };
         let abort = AtomicBool::new(false);

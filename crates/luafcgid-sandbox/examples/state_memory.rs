@@ -29,6 +29,10 @@ fn main() {
         modules: true,
         entry: None,
         memory: 64 << 20,
+        libs: luafcgid_sandbox::DEFAULT_LIBS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         init: limits.clone(),
     };
     let abort = AtomicBool::new(false);

@@ -3,10 +3,13 @@
 //! functions, `print` and `collectgarbage` (written in Lua, in `bootstrap.lua`, so that
 //! yields through them keep working).
 //!
-//! The environment is built from a list of library names ([`DEFAULT_LIBS`]), so that a
-//! policy-driven allow-list can later narrow it; the base functions kept are a fixed
-//! allow-list ([`BASE_GLOBALS`]) and every other global is removed, whatever the Lua build
-//! adds. It does not decide limits (see `limits`) nor build the request object.
+//! The environment is built from the policy's allow-list of libraries and functions
+//! ([`DEFAULT_LIBS`] by default): a name is a whole library (`"string"`) or one function of
+//! it (`"string.format"`, `"os.date"`); libraries outside [`LIB_TABLES`] and `os` functions
+//! outside [`OS_FUNCTIONS`] are never opened, whatever the list says. The base functions
+//! kept are a fixed allow-list ([`BASE_GLOBALS`]) and every other global is removed, whatever
+//! the Lua build adds. It does not decide limits (see `limits`) nor build the request
+//! object.
 
 use std::sync::Arc;
 
@@ -16,9 +19,9 @@ use crate::limits::{is_memory_error_value, Budget, Stop};
 use crate::request::with_ctx;
 use crate::LimitKind;
 
-/// The libraries a state gets: the DESIGN's default `libs`. `os.NAME` entries open the `os`
-/// table holding only those functions.
-pub(crate) const DEFAULT_LIBS: &[&str] = &[
+/// The libraries a state gets unless its policy says otherwise: the DESIGN's default `libs`.
+/// `os.NAME` entries open the `os` table holding only those functions.
+pub const DEFAULT_LIBS: &[&str] = &[
     "string",
     "table",
     "math",
@@ -29,6 +32,12 @@ pub(crate) const DEFAULT_LIBS: &[&str] = &[
     "os.date",
     "os.difftime",
 ];
+
+/// The library tables a policy may allow, whole or function by function.
+pub const LIB_TABLES: &[&str] = &["string", "table", "math", "utf8", "coroutine", "os"];
+
+/// The only `os` functions a state may have (`"os"` in an allow-list means these).
+pub const OS_FUNCTIONS: &[&str] = &["time", "clock", "date", "difftime"];
 
 /// Base-library globals (and our additions) every state keeps.
 pub(crate) const BASE_GLOBALS: &[&str] = &[
@@ -69,17 +78,18 @@ fn std_lib(name: &str) -> Option<StdLib> {
         "math" => StdLib::MATH,
         "utf8" => StdLib::UTF8,
         "coroutine" => StdLib::COROUTINE,
-        n if n.starts_with("os.") => StdLib::OS,
+        "os" => StdLib::OS,
         _ => return None,
     })
 }
 
 /// Creates a state with the libraries in `libs` and the restricted base library. `require`
 /// is not set here (see `modules`).
-pub(crate) fn new_state(libs: &[&str], budget: &Arc<Budget>) -> mlua::Result<Lua> {
+pub(crate) fn new_state<S: AsRef<str>>(libs: &[S], budget: &Arc<Budget>) -> mlua::Result<Lua> {
+    let libs: Vec<&str> = libs.iter().map(AsRef::as_ref).collect();
     let flags = libs
         .iter()
-        .filter_map(|name| std_lib(name))
+        .filter_map(|name| std_lib(name.split('.').next().unwrap_or_default()))
         .fold(StdLib::NONE, |acc, lib| acc | lib);
     let lua = Lua::new_with(flags, LuaOptions::default())?;
 
@@ -123,23 +133,21 @@ pub(crate) fn new_state(libs: &[&str], budget: &Arc<Budget>) -> mlua::Result<Lua
         .call::<()>((check, emit, lua.globals(), step))?;
 
     let globals = lua.globals();
-    if let Ok(os) = globals.raw_get::<Table>("os") {
-        let mut remove = Vec::new();
-        os.for_each::<Value, Value>(|k, _| {
-            let keep = match &k {
-                Value::String(s) => libs
-                    .iter()
-                    .any(|lib| lib.strip_prefix("os.").is_some_and(|f| s == f)),
-                _ => false,
-            };
-            if !keep {
-                remove.push(k);
+    for lib in LIB_TABLES {
+        if let Ok(table) = globals.raw_get::<Table>(*lib) {
+            narrow(&table, lib, &libs)?;
+            if table.is_empty() {
+                globals.raw_set(*lib, Value::Nil)?;
             }
-            Ok(())
-        })?;
-        for k in remove {
-            os.raw_set(k, Value::Nil)?;
         }
+    }
+    // Lua 5.1's name goes with the function it stands for.
+    let unpack_kept = globals
+        .raw_get::<Table>("table")
+        .and_then(|t| t.raw_get::<Value>("unpack"))
+        .is_ok_and(|v| !v.is_nil());
+    if !unpack_kept {
+        globals.raw_set("unpack", Value::Nil)?;
     }
     let mut remove = Vec::new();
     globals.for_each::<Value, Value>(|k, _| {
@@ -148,9 +156,10 @@ pub(crate) fn new_state(libs: &[&str], budget: &Arc<Budget>) -> mlua::Result<Lua
                 let s = s.as_bytes();
                 let s = &*s;
                 BASE_GLOBALS.iter().any(|g| g.as_bytes() == s)
-                    || libs
-                        .iter()
-                        .any(|lib| lib.split('.').next().is_some_and(|l| l.as_bytes() == s))
+                    || libs.iter().any(|lib| {
+                        let table = lib.split('.').next().unwrap_or_default();
+                        table.as_bytes() == s && LIB_TABLES.contains(&table)
+                    })
             }
             _ => false,
         };
@@ -163,4 +172,36 @@ pub(crate) fn new_state(libs: &[&str], budget: &Arc<Budget>) -> mlua::Result<Lua
         globals.raw_set(k, Value::Nil)?;
     }
     Ok(lua)
+}
+
+/// Removes from the library table `table` (named `lib`) every function the allow-list does
+/// not name: all of it is kept when `lib` itself is listed, except that `os` never keeps more
+/// than [`OS_FUNCTIONS`].
+fn narrow(table: &Table, lib: &str, libs: &[&str]) -> mlua::Result<()> {
+    let whole = libs.contains(&lib);
+    let mut remove = Vec::new();
+    table.for_each::<Value, Value>(|k, _| {
+        let keep = match &k {
+            Value::String(name) => {
+                let name = name.to_str()?;
+                let listed = whole
+                    || libs.iter().any(|entry| {
+                        entry
+                            .strip_prefix(lib)
+                            .and_then(|rest| rest.strip_prefix('.'))
+                            .is_some_and(|f| f == &*name)
+                    });
+                listed && (lib != "os" || OS_FUNCTIONS.contains(&&*name))
+            }
+            _ => false,
+        };
+        if !keep {
+            remove.push(k);
+        }
+        Ok(())
+    })?;
+    for k in remove {
+        table.raw_set(k, Value::Nil)?;
+    }
+    Ok(())
 }

@@ -37,6 +37,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+pub use env::{DEFAULT_LIBS, LIB_TABLES, OS_FUNCTIONS};
 pub use state::ScriptState;
 pub use status::status_reason;
 
@@ -84,6 +85,10 @@ pub struct StateOptions {
     pub entry: Option<String>,
     /// Memory limit of the state in bytes, Lua heap only (0 = none).
     pub memory: usize,
+    /// The libraries and functions the state gets: library names (`"string"`) or single
+    /// functions (`"string.format"`, `"os.date"`); see [`DEFAULT_LIBS`], [`LIB_TABLES`] and
+    /// [`OS_FUNCTIONS`]. Names outside those are ignored (the policy refuses them).
+    pub libs: Vec<String>,
     /// Limits for the first run of the chunk; its output (`print`) is discarded.
     pub init: Limits,
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use mlua::{Error, Function, Lua, Table, Value};
 
-use crate::env::{new_state, DEFAULT_LIBS};
+use crate::env::new_state;
 use crate::limits::{install_hook, is_memory_error, AbortProbe, Budget, Stop};
 use crate::modules::{install_require, source_text, ModuleSpace};
 use crate::request::{input, request_env, with_ctx, Ctx, REQUEST_OBJECT};
@@ -96,7 +96,7 @@ impl ScriptState {
     fn new(opts: &StateOptions) -> mlua::Result<ScriptState> {
         let budget = Arc::new(Budget::new());
         budget.set_memory_limit(opts.memory);
-        let lua = new_state(DEFAULT_LIBS, &budget)?;
+        let lua = new_state(&opts.libs, &budget)?;
         lua.set_app_data(Ctx::new(Arc::clone(&budget)));
         lua.set_app_data(AbortProbe::default());
         let root =

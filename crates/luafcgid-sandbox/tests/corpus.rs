@@ -66,6 +66,10 @@ fn run(script: &Path, root: &Path) -> (String, String) {
         modules: true,
         entry: None,
         memory: 16 << 20,
+        libs: luafcgid_sandbox::DEFAULT_LIBS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         init: limits(),
     };
     let abort = AtomicBool::new(false);

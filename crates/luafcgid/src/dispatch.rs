@@ -265,6 +265,7 @@ pub fn state_options(script: &Script, policy: &Policy) -> StateOptions {
         modules: policy.modules,
         entry: policy.entry.clone(),
         memory: policy.memory as usize,
+        libs: policy.libs.clone(),
         init: Limits {
             instructions: policy.init_instructions,
             timeout: policy.init_timeout,

@@ -1,5 +1,9 @@
 //! The restricted environment: what is absent, what is replaced, what is kept.
 
+use std::sync::atomic::AtomicBool;
+
+use luafcgid_sandbox::ScriptState;
+
 use crate::support::*;
 
 fn eval(expr: &str) -> String {
@@ -206,4 +210,85 @@ fn xpcall_requires_a_function_handler() {
 fn print_formats_like_lua() {
     let mut s = load("function handler() print('a', 1, nil, true, 2.5) print() print(setmetatable({}, {__tostring = function() return 'T' end})) end");
     assert_eq!(body(request(&mut s.state)), "a\t1\tnil\ttrue\t2.5\n\nT\n");
+}
+
+/// Loads `src` with the allow-list `libs` and returns the handler's body.
+fn with_libs(libs: &[&str], src: &str) -> String {
+    let dir = TempDir::new();
+    let script = dir.write("app/script.lua", src);
+    let mut opts = options(&dir, &script);
+    opts.libs = libs.iter().map(|s| s.to_string()).collect();
+    let mut state = ScriptState::load(&opts, &AtomicBool::new(false))
+        .unwrap_or_else(|e| panic!("{libs:?}: load failed: {e}"));
+    body(request(&mut state))
+}
+
+const SURFACE: &str = "function handler()
+  local out = {}
+  for _, lib in ipairs({'string', 'table', 'math', 'utf8', 'coroutine', 'os'}) do
+    local t = _G[lib]
+    if type(t) == 'table' then
+      local names = {}
+      for k in pairs(t) do names[#names + 1] = k end
+      table.sort(names)
+      out[#out + 1] = lib .. '=' .. table.concat(names, ',')
+    end
+  end
+  out[#out + 1] = 'unpack=' .. tostring(unpack ~= nil)
+  out[#out + 1] = 'strmeta=' .. tostring(pcall(function() return ('x'):upper() end))
+  return table.concat(out, ' ')
+end";
+
+#[test]
+fn allow_list_narrows_libraries_and_functions() {
+    // `table` is needed by the probe itself; everything else is narrowed.
+    let seen = with_libs(&["table", "string.format", "os.date"], SURFACE);
+    assert_eq!(
+        seen,
+        "string=format table=concat,insert,move,pack,remove,sort,unpack os=date unpack=true strmeta=false"
+    );
+    // `os` as a whole still means only the four safe functions.
+    let seen = with_libs(&["table", "os"], SURFACE);
+    assert!(seen.contains("os=clock,date,difftime,time "), "{seen}");
+    // Without `table.unpack`, the 5.1 name goes too.
+    let seen = with_libs(&["table.concat", "table.sort", "math"], SURFACE);
+    assert!(seen.starts_with("table=concat,sort math="), "{seen}");
+    assert!(seen.contains("unpack=false"), "{seen}");
+    assert!(!seen.contains("string="), "{seen}");
+}
+
+#[test]
+fn an_empty_allow_list_leaves_the_base_functions() {
+    let seen = with_libs(
+        &[],
+        "function handler()
+           local libs = {}
+           for _, lib in ipairs({'string', 'table', 'math', 'utf8', 'coroutine', 'os', 'unpack'}) do
+             if _G[lib] ~= nil then libs[#libs + 1] = lib end
+           end
+           local ok = pcall(function() return ('x'):upper() end)
+           return tostring(#libs) .. ' ' .. tostring(ok) .. ' ' .. tostring(pcall(error, 'e'))
+             .. ' ' .. type(load('return 1'))
+         end",
+    );
+    assert_eq!(seen, "0 false false function");
+}
+
+#[test]
+fn unknown_names_in_the_allow_list_open_nothing() {
+    let seen = with_libs(
+        &[
+            "table",
+            "io",
+            "debug",
+            "os.exit",
+            "os.execute",
+            "package",
+            "string.dump",
+            "_G",
+        ],
+        SURFACE,
+    );
+    assert!(!seen.contains("os="), "{seen}");
+    assert!(!seen.contains("string="), "{seen}");
 }
