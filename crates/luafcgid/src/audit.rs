@@ -133,6 +133,10 @@ impl AuditLog {
     pub fn open(path: Option<&PathBuf>) -> std::io::Result<AuditLog> {
         let out: Box<dyn Write + Send> = match path {
             None => Box::new(std::io::stdout()),
+            // The daemon's own streams, shared with what else writes to them (not a second,
+            // independently positioned open of the same file).
+            Some(p) if p.as_os_str() == "/dev/stdout" => Box::new(std::io::stdout()),
+            Some(p) if p.as_os_str() == "/dev/stderr" => Box::new(std::io::stderr()),
             Some(p) => Box::new(
                 std::fs::OpenOptions::new()
                     .create(true)

@@ -24,6 +24,67 @@ pub struct Cli {
 pub enum Command {
     /// Serve Lua scripts over FastCGI.
     Serve(ServeArgs),
+    /// Run one request through the same sandbox and policy; print the CGI response (stdout)
+    /// and the outcome (stderr, after the request's audit line). Exit 0 when the outcome is
+    /// `ok`, 1 otherwise.
+    Run(RunArgs),
+}
+
+/// Flags of `luafcgid run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Daemon config file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Document root; the script must lie inside one. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub docroot: Vec<PathBuf>,
+    /// The script file.
+    #[arg(value_name = "SCRIPT")]
+    pub script: PathBuf,
+    /// Request method.
+    #[arg(long, value_name = "M", default_value = "GET")]
+    pub method: String,
+    /// Query string (without `?`).
+    #[arg(long, value_name = "Q", default_value = "")]
+    pub query: String,
+    /// File whose contents are the request body.
+    #[arg(long, value_name = "FILE")]
+    pub body: Option<PathBuf>,
+    /// Request header `Name: value`. Repeatable.
+    #[arg(long, value_name = "K:V")]
+    pub header: Vec<String>,
+    /// Audit log file (default: stderr).
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The flags as config overrides.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            docroot: self.docroot.clone(),
+            log: Some(
+                self.log
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/dev/stderr")),
+            ),
+            ..Overrides::default()
+        }
+    }
+
+    /// The headers as (name, value) pairs; an error names the first without a colon.
+    pub fn headers(&self) -> Result<Vec<(String, String)>, String> {
+        self.header
+            .iter()
+            .map(|h| match h.split_once(':') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    Ok((k.trim().to_string(), v.trim().to_string()))
+                }
+                _ => Err(format!("--header {h:?}: expected `Name: value`")),
+            })
+            .collect()
+    }
 }
 
 /// Flags of `luafcgid serve`; they win over the config file.

@@ -47,6 +47,8 @@ pub struct Reply {
     /// FastCGI records, or CGI output.
     pub bytes: Vec<u8>,
     pub keep_conn: bool,
+    /// How the request ended (as in its audit line).
+    pub outcome: Outcome,
 }
 
 /// Where a front end receives its replies.
@@ -165,6 +167,7 @@ pub fn answer_early(
         framing: inc.framing,
         bytes,
         keep_conn: inc.keep_conn,
+        outcome,
     }
 }
 
@@ -397,5 +400,6 @@ fn run(
         framing: inc.framing,
         bytes,
         keep_conn: inc.keep_conn,
+        outcome,
     }
 }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod conn;
 pub mod dispatch;
 pub mod http;
+pub mod oneshot;
 pub mod outcome;
 pub mod probe;
 pub mod render;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use luafcgid::cli::{Cli, Command, ServeArgs, EXIT_USAGE};
+use luafcgid::cli::{Cli, Command, RunArgs, ServeArgs, EXIT_USAGE};
 use luafcgid::config::RawConfig;
 use luafcgid::server::Server;
 
@@ -28,26 +28,85 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Run(args) => run_script(args),
     }
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
-    let (raw, origin) = match &args.config {
+/// Reads and validates the config file (if any) with `overrides`; prints the problem and
+/// gives the exit code on failure.
+fn load_config(
+    file: Option<&std::path::PathBuf>,
+    overrides: &luafcgid::config::Overrides,
+) -> Result<(luafcgid::config::Config, String), ExitCode> {
+    let (raw, origin) = match file {
         Some(path) => match RawConfig::read(path) {
             Ok(r) => (r, path.display().to_string()),
             Err(e) => {
                 eprintln!("luafcgid: {e}");
-                return ExitCode::from(EXIT_USAGE as u8);
+                return Err(ExitCode::from(EXIT_USAGE as u8));
             }
         },
         None => (RawConfig::default(), "command line".to_string()),
     };
-    let config = match raw.validate(&origin, &args.overrides()) {
-        Ok(c) => c,
+    match raw.validate(&origin, overrides) {
+        Ok(c) => Ok((c, origin)),
         Err(e) => {
             eprintln!("luafcgid: {e}");
-            return ExitCode::from(EXIT_USAGE as u8);
+            Err(ExitCode::from(EXIT_USAGE as u8))
         }
+    }
+}
+
+fn run_script(args: RunArgs) -> ExitCode {
+    let usage = |message: String| {
+        eprintln!("luafcgid run: {message}");
+        ExitCode::from(EXIT_USAGE as u8)
+    };
+    let headers = match args.headers() {
+        Ok(h) => h,
+        Err(e) => return usage(e),
+    };
+    let body = match &args.body {
+        Some(path) => match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => return usage(format!("--body {}: {e}", path.display())),
+        },
+        None => Vec::new(),
+    };
+    let (config, _) = match load_config(args.config.as_ref(), &args.overrides()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = luafcgid::oneshot::OneRequest {
+        script: args.script.clone(),
+        method: args.method.clone(),
+        query: args.query.clone(),
+        body,
+        headers,
+    };
+    match luafcgid::oneshot::run_one(config, &req) {
+        Ok(reply) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&reply.cgi).and_then(|()| out.flush());
+            eprintln!("outcome: {}", reply.outcome.as_str());
+            if reply.outcome == luafcgid::outcome::Outcome::Ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("luafcgid run: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let (config, origin) = match load_config(args.config.as_ref(), &args.overrides()) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     if args.check {
         println!("{origin}: ok");

@@ -77,6 +77,41 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// What connections and workers share, without any listener: the resolver, the state
+    /// pool, the audit log. `Server::bind` and `luafcgid run` build it.
+    pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Result<Arc<Shared>, ServeError> {
+        let resolver = Resolver::new(&config.docroots, &config.extensions, config.sweep)?;
+        let audit = AuditLog::open(config.log.as_ref())?;
+        let lua_slots = Arc::new(Semaphore::new(config.workers));
+        let limits = fastcgi_protocol::Limits {
+            max_params_bytes: config.max_params,
+            max_body_bytes: config.ceiling.body,
+            ..fastcgi_protocol::Limits::default()
+        };
+        Ok(Arc::new(Shared {
+            pool: StatePool::new(
+                config.states,
+                usize::try_from(config.memory_total).unwrap_or(usize::MAX),
+                POPULARITY_HALF_LIFE,
+            ),
+            defaults: Defaults {
+                status: config.default_status,
+                content_type: config.default_content_type.clone(),
+                headers: config.headers.clone(),
+            },
+            default_policy: Arc::new(config.defaults.clone()),
+            resolver,
+            lua_slots,
+            audit,
+            ids: RequestIds::default(),
+            limits,
+            waiting: AtomicUsize::new(0),
+            refused_connections: AtomicU64::new(0),
+            config,
+            shutdown,
+        }))
+    }
+
     /// The effective policy of a script.
     pub fn policy_for(&self, _script: &Script) -> Arc<Policy> {
         self.default_policy.clone()
@@ -172,37 +207,8 @@ impl Server {
             Some(a) => Some(bind_tcp(a).await?),
             None => None,
         };
-        let resolver = Resolver::new(&config.docroots, &config.extensions, config.sweep)?;
-        let audit = AuditLog::open(config.log.as_ref())?;
-        let lua_slots = Arc::new(Semaphore::new(config.workers));
-        let limits = fastcgi_protocol::Limits {
-            max_params_bytes: config.max_params,
-            max_body_bytes: config.ceiling.body,
-            ..fastcgi_protocol::Limits::default()
-        };
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            pool: StatePool::new(
-                config.states,
-                usize::try_from(config.memory_total).unwrap_or(usize::MAX),
-                POPULARITY_HALF_LIFE,
-            ),
-            defaults: Defaults {
-                status: config.default_status,
-                content_type: config.default_content_type.clone(),
-                headers: config.headers.clone(),
-            },
-            default_policy: Arc::new(config.defaults.clone()),
-            resolver,
-            lua_slots,
-            audit,
-            ids: RequestIds::default(),
-            limits,
-            waiting: AtomicUsize::new(0),
-            refused_connections: AtomicU64::new(0),
-            config,
-            shutdown,
-        });
+        let shared = Shared::new(config, shutdown)?;
         Ok(Server {
             shared,
             listeners,

@@ -152,3 +152,91 @@ fn sigterm_stops_the_daemon_and_removes_its_socket() {
     assert_eq!(code, Some(0));
     assert!(!sock.exists(), "the socket it created is removed");
 }
+
+#[test]
+fn run_prints_the_cgi_response_and_the_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    std::fs::write(
+        root.join("echo.lua"),
+        "function handler(r)
+           r:header('X-Method', r.env.REQUEST_METHOD)
+           r:header('X-Type', r.env.CONTENT_TYPE or '-')
+           r:header('X-Agent', r.env.HTTP_USER_AGENT or '-')
+           return (r.env.QUERY_STRING or '') .. '|' .. (r:gets() or '')
+         end",
+    )
+    .unwrap();
+    std::fs::write(root.join("body.txt"), "a=1&b=2").unwrap();
+    let config = root.join("luafcgid.toml");
+    std::fs::write(&config, "[defaults]\ninstructions = 100000\n").unwrap();
+    let out = luafcgid()
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--docroot")
+        .arg(&root)
+        .arg(root.join("echo.lua"))
+        .args(["--method", "POST", "--query", "x=y", "--body"])
+        .arg(root.join("body.txt"))
+        .args([
+            "--header",
+            "Content-Type: application/x-www-form-urlencoded",
+            "--header",
+            "User-Agent: test",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.starts_with("Status: 200 OK\r\n"), "{stdout}");
+    for line in [
+        "X-Method: POST\r\n",
+        "X-Type: application/x-www-form-urlencoded\r\n",
+        "X-Agent: test\r\n",
+    ] {
+        assert!(stdout.contains(line), "{line} in {stdout}");
+    }
+    assert!(stdout.ends_with("\r\n\r\nx=y|a=1&b=2"), "{stdout}");
+    assert!(stderr.contains("\"outcome\":\"ok\""), "{stderr}");
+    assert!(stderr.ends_with("outcome: ok\n"), "{stderr}");
+
+    // The config's limits apply: this loop outruns 100,000 instructions.
+    std::fs::write(
+        root.join("spin.lua"),
+        "function handler() while true do end end",
+    )
+    .unwrap();
+    let out = luafcgid()
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--docroot")
+        .arg(&root)
+        .arg(root.join("spin.lua"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Status: 500"));
+    assert!(stderr.ends_with("outcome: limit_cpu\n"), "{stderr}");
+
+    // Outside the document roots, and a malformed header.
+    let out = luafcgid()
+        .args(["run", "--docroot"])
+        .arg(&root)
+        .arg("/etc/hostname")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).ends_with("outcome: forbidden\n"));
+    let out = luafcgid()
+        .args(["run", "--docroot"])
+        .arg(&root)
+        .arg(root.join("echo.lua"))
+        .args(["--header", "no colon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
