@@ -14,4 +14,4 @@
 mod pool;
 
 pub use luafcgid_sandbox::StateOptions;
-pub use pool::{FileStamp, Lease, PoolStats, Pooled, Retire, ScriptKey, StatePool};
+pub use pool::{FileStamp, Lease, PoolStats, Pooled, Retire, ScriptKey, StatePool, Version};

@@ -43,6 +43,22 @@ impl FileStamp {
     }
 }
 
+/// What a script's states were built from: the script file's stamp and the generation of
+/// its effective policy. When either changes, the states built from the old one are retired
+/// at the next checkout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    pub file: FileStamp,
+    pub policy: u64,
+}
+
+impl From<FileStamp> for Version {
+    /// A version under policy generation 0 (for callers without policies).
+    fn from(file: FileStamp) -> Version {
+        Version { file, policy: 0 }
+    }
+}
+
 /// What the pool needs to know of a state.
 pub trait Pooled: Send + 'static {
     /// Files whose change makes the state stale (the script and the modules it loaded).
@@ -102,7 +118,7 @@ struct Entry<S> {
     idle: Vec<Idle<S>>,
     leased: usize,
     generation: u64,
-    stamp: Option<FileStamp>,
+    stamp: Option<Version>,
     files: Vec<WatchedFile>,
     score: f64,
     scored_at: Instant,
@@ -234,15 +250,16 @@ impl<S: Pooled> StatePool<S> {
         entry.admission.clone()
     }
 
-    /// Lends a state of `key`: an idle one if any, else one made by `build`. `stamp` is the
-    /// script file's current stamp; when it differs from the one the states were built
-    /// from, those states are retired first.
+    /// Lends a state of `key`: an idle one if any, else one made by `build`. `version` is
+    /// the script file's current stamp and policy generation; when it differs from the one
+    /// the states were built from, those states are retired first.
     pub fn checkout<E>(
         &self,
         key: &ScriptKey,
-        stamp: FileStamp,
+        version: impl Into<Version>,
         build: impl FnOnce() -> Result<S, E>,
     ) -> Result<Lease<S>, E> {
+        let stamp = version.into();
         let now = Instant::now();
         let mut doomed: Vec<S> = Vec::new();
         let (generation, transient, evicted) = {
@@ -566,6 +583,27 @@ mod tests {
         assert_eq!(l.state().id, id);
         let _ = pool.checkin(l, Retire::Discard, 0, Duration::ZERO);
         assert_eq!(pool.stats().states, 0);
+    }
+
+    #[test]
+    fn changed_policy_generation_retires_states() {
+        let pool = StatePool::new(10, 0, Duration::from_secs(60));
+        let k = key("/a.lua");
+        let v = |policy| Version {
+            file: stamp(1),
+            policy,
+        };
+        let l = pool.checkout(&k, v(1), || fake(vec![])).unwrap();
+        let id = l.state.as_ref().unwrap().id;
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let mut l = pool.checkout(&k, v(1), || fake(vec![])).unwrap();
+        assert_eq!(l.state().id, id, "same policy: the warm state");
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        let mut l = pool.checkout(&k, v(2), || fake(vec![])).unwrap();
+        assert!(l.fresh, "a new policy generation gets a new state");
+        assert_ne!(l.state().id, id);
+        let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        assert_eq!(pool.stats().states, 1, "the old state was retired");
     }
 
     #[test]
