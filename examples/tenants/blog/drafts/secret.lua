@@ -1,0 +1,4 @@
+-- Never runs: drafts/policy.toml says deny = true.
+function handler()
+	return "draft"
+end
