@@ -1,13 +1,100 @@
-//! Policy fields for luafcgid: the values that say what a script may use and how much.
+//! Policies for luafcgid: what a script may use and how much, per directory.
 //!
-//! This crate parses the policy fields of `../shared`'s design section 5 (as found in a
-//! `policy.toml` or in the `[defaults]` and `[ceiling]` tables of the daemon config) into a
-//! raw, serde-checked [`PolicyFields`], and folds them over a [`Policy`] whose values are all
-//! concrete and validated. Sizes accept units (`"64MiB"`), durations accept units (`"250ms"`).
-//! It does no IO and knows nothing of Lua or FastCGI: the daemon turns a [`Policy`] into
-//! sandbox limits. Discovery of `policy.toml` files per directory is not here yet.
+//! The policy fields of the design (section 5) are parsed into a raw, serde-checked
+//! [`PolicyFields`] and folded over a [`Policy`] whose values are all concrete and validated
+//! ([`Policy::apply`]); sizes and durations take units (`"64MiB"`, `"250ms"`). On top of that:
+//!
+//! - [`PolicyFile`]: one `policy.toml`, parsed with the line of every key, so that each
+//!   [`Problem`] reads `file:line: message` and names the key.
+//! - [`Ceiling`]: the most a policy may grant, field by field; checks, narrows, clamps.
+//! - [`OperatorPolicy`]: the daemon config's `[defaults]` and `[ceiling]`, checked together.
+//! - [`PolicyTree`]: resolves a script to its [`Effective`] policy (defaults, then every
+//!   `policy.toml` from the document root down, then the per-script table), cached per
+//!   directory; reloads changed files ([`PolicyTree::sweep`]); checks a subtree
+//!   ([`PolicyTree::check`]); explains a script's policy ([`PolicyTree::explain`]).
+//!
+//! It knows nothing of Lua or FastCGI: the daemon turns a [`Policy`] into sandbox limits
+//! and rate limiters, and logs what [`PolicyTree::sweep`] reports. Only [`PolicyTree`]
+//! touches the file system, and only to stat and read `policy.toml` files and, for
+//! `check`, to list directories.
+//!
+//! # Use in the daemon
+//!
+//! - Config validation: [`OperatorPolicy::from_config`] on the config's text (problems with
+//!   lines; exit 64), or [`OperatorPolicy::new`] with values already validated
+//!   ([`Ceiling::permits`] checks defaults against a ceiling).
+//! - Start: one [`PolicyTree::new`], shared (`Arc`) by the request path and a sweeper.
+//! - Per request: [`PolicyTree::resolve`] with the script's real path.
+//!   [`Resolution::Allowed`]: run under `effective.policy`, and tag the states created with
+//!   `effective.generation`; a state whose generation differs from the one the script
+//!   resolves to now is retired. [`Resolution::Denied`]: 403 `forbidden`.
+//!   [`Resolution::Invalid`]: 500 `policy_error` (the problem goes to the audit log).
+//!   [`Resolution::Outside`]: 403. The audit `policy` field is `effective.files`, `tenant`
+//!   is `effective.tenant`.
+//! - Every `sweep_ms`, from a background thread: [`PolicyTree::sweep`]; log `policy_loaded`
+//!   for [`SweepReport::loaded`] and [`SweepReport::changed`], `policy_rejected` for each
+//!   of [`SweepReport::rejected`] (file, line, message).
+//! - `luafcgid policy check`: print [`PolicyTree::check`]'s problems, exit 1 if any;
+//!   `luafcgid policy explain`: print [`PolicyTree::explain`].
+//!
+//! ```
+//! use std::path::Path;
+//! use luafcgid_policy::{OperatorPolicy, PolicyTree, Resolution};
+//!
+//! let root = std::env::temp_dir().join(format!("luafcgid-policy-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(root.join("acme"))?;
+//! std::fs::write(
+//!     root.join("acme/policy.toml"),
+//!     "timeout_ms = 250\n[script.\"report.lua\"]\ntimeout_ms = \"2s\"\n",
+//! )?;
+//!
+//! let config = "workers = 2\n[defaults]\nmemory = \"32MiB\"\n[ceiling]\ntimeout_ms = \"5s\"\n";
+//! let operator = OperatorPolicy::from_config(Path::new("luafcgid.toml"), config)
+//!     .expect("a valid config");
+//! let tree = PolicyTree::new(operator, vec![root.clone()]);
+//! let acme = tree.roots()[0].join("acme");
+//!
+//! let Resolution::Allowed(e) = tree.resolve(&acme.join("index.lua")) else { panic!() };
+//! assert_eq!(e.policy.timeout.as_millis(), 250);
+//! assert_eq!(e.policy.memory, 32 << 20);
+//! assert_eq!((e.tenant.as_str(), e.files.as_slice()), ("acme", &[Path::new("acme/policy.toml").to_path_buf()][..]));
+//! let Resolution::Allowed(r) = tree.resolve(&acme.join("report.lua")) else { panic!() };
+//! assert_eq!(r.policy.timeout.as_secs(), 2);
+//!
+//! // What the daemon's sweeper does every `sweep_ms`: first loads are reported too.
+//! let report = tree.sweep();
+//! assert_eq!(report.loaded, [acme.join("policy.toml")]);
+//! println!("{}", tree.explain(&acme.join("report.lua")));
+//! std::fs::remove_dir_all(&root)?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! # Choices
+//!
+//! - A `policy.toml` that is a symbolic link is refused (a problem for its subtree), wherever
+//!   it points; so are non-regular files and files over [`MAX_POLICY_FILE_SIZE`]. Problems
+//!   name keys and say what is wrong, never quote the file.
+//! - A `[script."name.lua"]` table is bound by the ceiling its file inherits, like the rest
+//!   of the file; the file's own `[ceiling]` binds its subdirectories only, so a tenant
+//!   cannot exempt one of its own scripts from what it grants below.
+//! - An inherited value above a directory's ceiling is lowered to that ceiling (explain says
+//!   `ceiling set by ...`); a value a file sets above its ceiling is an error.
+//! - Scripts directly in a document root belong to tenant `""` (the operator's), with the
+//!   document root as tenant root, unless the root's `policy.toml` names a tenant.
+//! - `deny = true` is sticky: nothing below can reopen the subtree.
+//! - Files are read when a script below them is first resolved; "invalid at first load"
+//!   means at that moment. A file whose every version is refused (invalid, or above a
+//!   lowered ancestor ceiling) makes its subtree answer `policy_error`.
 #![forbid(unsafe_code)]
 
+mod ceiling;
+mod explain;
+mod field;
+mod file;
+mod operator;
+mod problem;
+mod read;
+mod tree;
 mod units;
 
 use std::collections::BTreeMap;
@@ -15,7 +102,20 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use units::{parse_duration, parse_rate, parse_size, Rate, UnitError};
+pub use ceiling::{Ceiling, Violation};
+pub use field::{Field, Provenance, SetBy, Source};
+pub use file::PolicyFile;
+pub use operator::OperatorPolicy;
+pub use problem::Problem;
+pub use read::MAX_POLICY_FILE_SIZE;
+pub use tree::{
+    Effective, PolicyTree, Resolution, SweepReport, MAX_CHECK_DEPTH, MAX_CHECK_DIRS, POLICY_FILE,
+};
+pub use units::{
+    format_duration, format_size, parse_duration, parse_rate, parse_size, Rate, UnitError,
+};
+
+use problem::shown_key;
 
 /// Why a policy value was refused.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -171,17 +271,23 @@ fn invalid(key: &'static str, message: impl Into<String>) -> PolicyError {
     }
 }
 
+/// A value with a unit that could not be read. The message names the key and the reason,
+/// never the text: policy files are untrusted and their problems are logged.
+fn unreadable(key: &'static str, e: &UnitError) -> PolicyError {
+    invalid(key, e.reason())
+}
+
 fn size(key: &'static str, v: &SizeValue) -> Result<u64, PolicyError> {
     match v {
         SizeValue::Bytes(n) => Ok(*n),
-        SizeValue::Text(t) => parse_size(t).map_err(|e| invalid(key, e.to_string())),
+        SizeValue::Text(t) => parse_size(t).map_err(|e| unreadable(key, &e)),
     }
 }
 
 fn duration(key: &'static str, v: &DurationValue) -> Result<Duration, PolicyError> {
     match v {
         DurationValue::Millis(n) => Ok(Duration::from_millis(*n)),
-        DurationValue::Text(t) => parse_duration(t).map_err(|e| invalid(key, e.to_string())),
+        DurationValue::Text(t) => parse_duration(t).map_err(|e| unreadable(key, &e)),
     }
 }
 
@@ -245,11 +351,15 @@ impl Policy {
             self.state_max_age = duration("state_max_age", v)?;
         }
         if let Some(libs) = &f.libs {
-            for l in libs {
+            for (i, l) in libs.iter().enumerate() {
                 if !KNOWN_LIBS.contains(&l.as_str()) {
                     return Err(invalid(
                         "libs",
-                        format!("unknown library `{l}` (known: {})", KNOWN_LIBS.join(", ")),
+                        format!(
+                            "entry {} is not a known library (known: {})",
+                            i + 1,
+                            KNOWN_LIBS.join(", ")
+                        ),
                     ));
                 }
             }
@@ -278,7 +388,7 @@ impl Policy {
             let rate =
                 |key: &'static str, v: &Option<String>| -> Result<Option<Rate>, PolicyError> {
                     v.as_deref()
-                        .map(|s| parse_rate(s).map_err(|e| invalid(key, e.to_string())))
+                        .map(|s| parse_rate(s).map_err(|e| unreadable(key, &e)))
                         .transpose()
                 };
             if let Some(v) = rate("rate.per_client", &r.per_client)? {
@@ -304,7 +414,7 @@ impl Policy {
                     _ => {
                         return Err(invalid(
                             "vars",
-                            format!("`{k}` must be a string, number or boolean"),
+                            format!("`{}` must be a string, number or boolean", shown_key(k)),
                         ))
                     }
                 };

@@ -1,5 +1,6 @@
 //! Units in policy and config values: sizes (`"64MiB"`), durations (`"250ms"`) and rates
-//! (`"20/s"`). Pure parsing; no defaults live here.
+//! (`"20/s"`), read from text and shown back with the largest exact unit. Pure parsing and
+//! formatting; no defaults and no limits live here.
 
 use std::time::Duration;
 
@@ -9,6 +10,13 @@ use std::time::Duration;
 pub struct UnitError {
     text: String,
     reason: &'static str,
+}
+
+impl UnitError {
+    /// What is wrong, without the text that was read: safe to show for untrusted input.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
 }
 
 fn err(text: &str, reason: &'static str) -> UnitError {
@@ -90,6 +98,42 @@ pub fn parse_rate(text: &str) -> Result<Rate, UnitError> {
     Ok(Rate { count, per })
 }
 
+/// Shows a size with the largest binary unit that divides it exactly (`"64MiB"`, `"1500B"`).
+pub fn format_size(bytes: u64) -> String {
+    for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if bytes != 0 && bytes & ((1u64 << shift) - 1) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// Shows a duration in whole seconds when it is one (`"2s"`), else in milliseconds
+/// (`"250ms"`); sub-millisecond parts, which no policy value carries, are dropped.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms != 0 && ms / 1000 * 1000 == ms {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+impl std::fmt::Display for Rate {
+    /// `"20/s"`, `"600/min"`, `"5/h"`; a count of zero shows as `"off"`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.count == 0 {
+            return f.write_str("off");
+        }
+        match self.per.as_secs() {
+            1 if self.per.subsec_nanos() == 0 => write!(f, "{}/s", self.count),
+            60 if self.per.subsec_nanos() == 0 => write!(f, "{}/min", self.count),
+            3600 if self.per.subsec_nanos() == 0 => write!(f, "{}/h", self.count),
+            _ => write!(f, "{}/{}", self.count, format_duration(self.per)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +168,28 @@ mod tests {
         assert_eq!(parse_rate("600/min").unwrap().per, Duration::from_secs(60));
         assert!(parse_rate("20").is_err());
         assert!(parse_rate("x/s").is_err());
+    }
+
+    #[test]
+    fn formats_with_exact_units() {
+        assert_eq!(format_size(64 << 20), "64MiB");
+        assert_eq!(format_size(1536), "1536B");
+        assert_eq!(format_size(3 << 10), "3KiB");
+        assert_eq!(format_size(0), "0B");
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_duration(Duration::from_secs(2)), "2s");
+        assert_eq!(format_duration(Duration::ZERO), "0ms");
+        assert_eq!(parse_rate("600/min").unwrap().to_string(), "600/min");
+        assert_eq!(parse_rate("0/s").unwrap().to_string(), "off");
+    }
+
+    #[test]
+    fn reasons_do_not_carry_the_text() {
+        let e = parse_size("secret-value").unwrap_err();
+        assert!(!e.reason().contains("secret"));
+        assert!(
+            e.to_string().contains("secret"),
+            "Display keeps the text for operators"
+        );
     }
 }
