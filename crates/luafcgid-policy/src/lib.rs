@@ -109,7 +109,8 @@ pub use operator::OperatorPolicy;
 pub use problem::Problem;
 pub use read::MAX_POLICY_FILE_SIZE;
 pub use tree::{
-    Effective, PolicyTree, Resolution, SweepReport, MAX_CHECK_DEPTH, MAX_CHECK_DIRS, POLICY_FILE,
+    Effective, PolicyTree, Resolution, SweepReport, MAX_CHECK_DEPTH, MAX_CHECK_DIRS,
+    MAX_PENDING_EVENTS, POLICY_FILE,
 };
 pub use units::{
     format_duration, format_size, parse_duration, parse_rate, parse_size, Rate, UnitError,

@@ -124,6 +124,9 @@ pub struct SweepReport {
     /// version still is, or their subtree answers `policy_error`. Each is reported once,
     /// when it appears.
     pub rejected: Vec<Problem>,
+    /// Events of first loads not kept because more than [`MAX_PENDING_EVENTS`] happened
+    /// between two sweeps (the files are in force or refused all the same).
+    pub dropped: usize,
 }
 
 impl SweepReport {
@@ -133,6 +136,11 @@ impl SweepReport {
             && self.changed.is_empty()
             && self.removed.is_empty()
             && self.rejected.is_empty()
+            && self.dropped == 0
+    }
+
+    fn len(&self) -> usize {
+        self.loaded.len() + self.changed.len() + self.removed.len() + self.rejected.len()
     }
 
     fn append(&mut self, other: SweepReport) {
@@ -140,12 +148,13 @@ impl SweepReport {
         self.changed.extend(other.changed);
         self.removed.extend(other.removed);
         self.rejected.extend(other.rejected);
+        self.dropped += other.dropped;
     }
 }
 
-/// The most events kept between sweeps from resolutions (first loads); beyond, the oldest
-/// are kept and the rest dropped.
-const MAX_PENDING: usize = 4096;
+/// The most events of first loads (by resolutions) kept for the next sweep to report;
+/// beyond, they are counted in [`SweepReport::dropped`].
+pub const MAX_PENDING_EVENTS: usize = 4096;
 
 /// Resolved directories, by path.
 type Map = HashMap<OsString, Arc<DirEntry>>;
@@ -156,6 +165,8 @@ static NEXT_TREE: AtomicU64 = AtomicU64::new(0);
 /// A thread's handle on a tree's published map.
 struct Snapshot {
     tree: u64,
+    /// Dead once the tree is dropped: the handle is then purged.
+    alive: std::sync::Weak<()>,
     epoch: u64,
     map: Arc<Map>,
 }
@@ -171,10 +182,12 @@ thread_local! {
 ///
 /// Each thread that resolves keeps a handle on the latest published map of each of up to
 /// four trees; a map (and the policies in it) is freed once no thread holds it, so an idle
-/// thread may keep an old one alive until it next resolves.
+/// thread may keep an old one alive until it next resolves (handles on dropped trees are
+/// purged when the thread first resolves in another tree).
 #[derive(Debug)]
 pub struct PolicyTree {
     id: u64,
+    alive: Arc<()>,
     roots: Vec<PathBuf>,
     operator: OperatorPolicy,
     start: Start,
@@ -227,7 +240,6 @@ struct State {
     slots: BTreeMap<PathBuf, Slot>,
     generation: u64,
     pending: SweepReport,
-    dropped: bool,
 }
 
 #[derive(Debug)]
@@ -406,6 +418,7 @@ impl PolicyTree {
         };
         PolicyTree {
             id: NEXT_TREE.fetch_add(1, Ordering::Relaxed),
+            alive: Arc::new(()),
             roots,
             operator,
             start,
@@ -448,6 +461,7 @@ impl PolicyTree {
             let i = match snapshots.iter().position(|s| s.tree == self.id) {
                 Some(i) => i,
                 None => {
+                    snapshots.retain(|s| s.alive.strong_count() > 0);
                     if snapshots.len() >= SNAPSHOTS_PER_THREAD {
                         snapshots.remove(0);
                     }
@@ -473,6 +487,7 @@ impl PolicyTree {
         let map = lock(&self.published);
         Snapshot {
             tree: self.id,
+            alive: Arc::downgrade(&self.alive),
             epoch: self.epoch.load(Ordering::Acquire),
             map: map.clone(),
         }
@@ -569,15 +584,12 @@ impl PolicyTree {
         resolution
     }
 
-    /// Keeps events of resolutions for the next sweep, up to [`MAX_PENDING`].
+    /// Keeps events of resolutions for the next sweep, up to [`MAX_PENDING_EVENTS`].
     fn keep(state: &mut State, events: SweepReport) {
-        let p = &state.pending;
-        let held = p.loaded.len() + p.changed.len() + p.removed.len() + p.rejected.len();
-        let adding = events.loaded.len() + events.rejected.len();
-        if held + adding <= MAX_PENDING {
+        if state.pending.len() + events.len() <= MAX_PENDING_EVENTS {
             state.pending.append(events);
         } else {
-            state.dropped = true;
+            state.pending.dropped += events.len();
         }
     }
 
@@ -692,12 +704,6 @@ impl PolicyTree {
             cache.insert(key, entry);
         }
         self.publish(cache);
-        if std::mem::take(&mut state.dropped) {
-            report.rejected.push(Problem::whole(
-                Path::new(POLICY_FILE),
-                format!("more than {MAX_PENDING} policy events between two sweeps; some were not reported"),
-            ));
-        }
         report
     }
 
@@ -765,7 +771,8 @@ impl PolicyTree {
         let mut provenance = self.start.provenance.clone();
         let mut files = Vec::new();
         let mut tenant: Option<(String, PathBuf, PathBuf)> = None;
-        let mut denied = false;
+        let mut denied = self.start.policy.deny;
+        let mut deny_source = self.start.provenance.field(Field::Deny).clone();
         let mut ceiling = self.start.ceiling.clone();
         let mut last: Option<(Arc<PolicyFile>, PathBuf)> = None;
         for d in &chain {
@@ -800,7 +807,10 @@ impl PolicyTree {
                     }
                     provenance.record(file.fields(), &Source::File(rel.clone()));
                     files.push(rel.clone());
-                    denied |= file.fields().deny == Some(true);
+                    if !denied && file.fields().deny == Some(true) {
+                        denied = true;
+                        deny_source = Source::File(rel.clone());
+                    }
                     if let Some(name) = &file.fields().tenant {
                         tenant = Some((name.clone(), d.clone(), rel.clone()));
                     }
@@ -823,6 +833,10 @@ impl PolicyTree {
             },
         };
         policy.tenant = (!tenant.is_empty()).then(|| tenant.clone());
+        policy.deny = denied;
+        if denied {
+            provenance.set(Field::Deny, deny_source);
+        }
         let base = Effective {
             policy,
             tenant,
@@ -849,14 +863,17 @@ impl PolicyTree {
                     script: name.clone(),
                 };
                 e.provenance.record(fields, &source);
-                e.denied |= fields.deny == Some(true);
                 e.policy.tenant = base.policy.tenant.clone();
+                if base.denied {
+                    e.provenance
+                        .set(Field::Deny, base.provenance.field(Field::Deny).clone());
+                } else if fields.deny == Some(true) {
+                    e.denied = true;
+                }
                 e.policy.deny = e.denied;
                 scripts.push((OsString::from(name), Draft::Policy(Box::new(e))));
             }
         }
-        let mut base = base;
-        base.policy.deny = base.denied;
         (Draft::Policy(Box::new(base)), scripts)
     }
 

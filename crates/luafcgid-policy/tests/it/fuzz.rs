@@ -53,6 +53,15 @@ fn exercise(bytes: &[u8]) {
     let _ = OperatorPolicy::from_config(Path::new("c"), &String::from_utf8_lossy(bytes));
 }
 
+#[test]
+fn deep_nesting_is_refused_without_overflowing_the_stack() {
+    for (open, close) in [("[", "]"), ("{a=", "}")] {
+        let depth = 20_000;
+        let text = format!("x = {}1{}\n", open.repeat(depth), close.repeat(depth));
+        assert!(PolicyFile::parse(Path::new("p"), &text).is_err());
+    }
+}
+
 proptest! {
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {

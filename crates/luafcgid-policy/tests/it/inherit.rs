@@ -161,9 +161,18 @@ fn deny_closes_a_subtree_and_nothing_below_reopens_it() {
     let sub = denied(tree.resolve(&site.path("closed/sub/a.lua")));
     assert_eq!(sub.policy.timeout, Duration::from_millis(10));
     assert!(sub.policy.deny);
+    assert_eq!(
+        sub.provenance.field(Field::Deny),
+        &Source::File(rel("closed/policy.toml")),
+        "the file that closed the subtree, not the one that tried to reopen it"
+    );
     denied(tree.resolve(&site.path("closed/broken/a.lua")));
-    allowed(tree.resolve(&site.path("open/a.lua")));
-    denied(tree.resolve(&site.path("open/secret.lua")));
+    assert!(!allowed(tree.resolve(&site.path("open/a.lua"))).policy.deny);
+    let secret = denied(tree.resolve(&site.path("open/secret.lua")));
+    assert!(matches!(
+        secret.provenance.field(Field::Deny),
+        Source::Script { .. }
+    ));
     invalid(tree.resolve(&site.path("open/broken/a.lua")));
 }
 

@@ -32,3 +32,35 @@ fn shipped_presets_validate_and_resolve() {
     };
     assert_eq!(default.policy, expected);
 }
+
+/// The example tree of tenants in `examples/tenants` is valid, and every script in it
+/// resolves to a policy (allowed or denied), never to a policy error.
+#[test]
+fn the_example_tenant_tree_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tenants");
+    let root = std::fs::canonicalize(root).expect("examples/tenants exists");
+    let op = luafcgid_policy::OperatorPolicy::new(
+        luafcgid_policy::Policy::default(),
+        Ceiling::unbounded(),
+    );
+    let tree = luafcgid_policy::PolicyTree::new(op, vec![root.clone()]);
+    let problems = tree.check(&root);
+    assert!(problems.is_empty(), "{problems:#?}");
+    let mut scripts = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "lua") {
+                scripts.push(path);
+            }
+        }
+    }
+    assert!(!scripts.is_empty());
+    for script in scripts {
+        let r = tree.resolve(&script);
+        assert!(r.effective().is_some(), "{}: {r:?}", script.display());
+    }
+}

@@ -285,3 +285,21 @@ fn resolution_never_fails_while_reloading() {
     }
     assert!(seen.load(Ordering::Relaxed) > 0);
 }
+
+#[test]
+fn first_loads_beyond_the_pending_limit_are_counted() {
+    use luafcgid_policy::MAX_PENDING_EVENTS;
+    let site = Site::new("pending");
+    let n = MAX_PENDING_EVENTS + 3;
+    for i in 0..n {
+        site.put(&format!("t{i}/policy.toml"), "clones = 1\n");
+    }
+    let tree = site.tree("");
+    for i in 0..n {
+        allowed(tree.resolve(&site.path(&format!("t{i}/a.lua"))));
+    }
+    let report = tree.sweep();
+    assert_eq!(report.loaded.len(), MAX_PENDING_EVENTS);
+    assert_eq!(report.dropped, 3);
+    assert!(tree.sweep().is_empty());
+}
