@@ -17,13 +17,19 @@
 #                      in the listen queue for the whole run (only ~N connections progress)
 #   PHP_FPM=...        php-fpm binary (default: the newest /usr/sbin/php-fpm*)
 #   LUAFCGID_ARGS=...  extra flags for both `luafcgid serve` instances (e.g. "--workers 2")
+#   ORIG_LUAFCGID=...  the binary of the original C luafcgid (1.x, Lua 5.1, libfcgi): adds the
+#                      row orig-luafcgid (see docs/performance.md for how to build it)
+#   ORIG_KEEPALIVE=0   1: keepalive 32 + fastcgi_keep_conn on for orig-luafcgid too. Off by
+#                      default for the same reason as PHP_KEEPALIVE: each of its worker threads
+#                      serves one connection at a time, until nginx closes it
 #   SKIP_BUILD=1       use the binaries already in target/release
 #   KEEP_TMP=1         keep the temp dir (configs, wrk outputs, logs) for a look afterwards
 #
 # Everything runs in a private temp dir (configs, sockets, logs) and on 127.0.0.1
 # only; every process the script starts is stopped by PID on exit and the temp dir
 # is removed. Worst-case duration: about rows x len(CONNS) x (ROUNDS x DURATION +
-# WARMUP) seconds plus start-up (7 rows, 2 connection counts: ~290 s by default).
+# WARMUP) seconds plus start-up (7 rows, 2 connection counts: ~290 s by default; 8 rows
+# with ORIG_LUAFCGID).
 #
 # Rows (URL paths on one nginx server, 1 worker process, access_log off):
 #   return        nginx `return 200 "Hello World"` (no backend)
@@ -33,6 +39,10 @@
 #   lua-unix      /lua-unix/hello.lua -> luafcgid, unix socket, --log /dev/null
 #   lua-tcp       /lua-tcp/hello.lua  -> the same luafcgid, 127.0.0.1 TCP
 #   lua-unix+log  /lua-log/hello.lua  -> a second luafcgid, unix socket, audit log to a file
+#   orig-luafcgid /orig/hello.lua     -> the original C luafcgid (only with ORIG_LUAFCGID), unix
+#                                        socket, workers = CPUs, its shipped config's defaults
+#                                        otherwise, script `function main(env, con) con:puts(s) end`,
+#                                        a new connection per request (see ORIG_KEEPALIVE)
 # const and luafcgid upstreams: keepalive 32, fastcgi_keep_conn on.
 #
 # Measured per run: req/s, p50 and p99 (wrk --latency), and CPU time (utime+stime
@@ -51,13 +61,15 @@ WARMUP=${WARMUP:-1}
 CONNS=${CONNS:-"50 1"}
 PHP_CHILDREN=${PHP_CHILDREN:-"4 2"}
 PHP_KEEPALIVE=${PHP_KEEPALIVE:-0}
+ORIG_LUAFCGID=${ORIG_LUAFCGID:-}
+ORIG_KEEPALIVE=${ORIG_KEEPALIVE:-0}
 LUAFCGID_ARGS=${LUAFCGID_ARGS:-}
 SKIP_BUILD=${SKIP_BUILD:-0}
 
 die() { echo "bench-nginx: $*" >&2; exit 2; }
 note() { echo "bench-nginx: $*" >&2; }
 
-for v in DURATION ROUNDS WARMUP PHP_KEEPALIVE; do
+for v in DURATION ROUNDS WARMUP PHP_KEEPALIVE ORIG_KEEPALIVE; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
 done
 ((DURATION >= 1)) || die "DURATION must be at least 1"
@@ -77,6 +89,10 @@ if [[ -z $PHP_FPM || ! -x $PHP_FPM ]]; then
     note "php-fpm not found (set PHP_FPM=...); the php-fpm rows are skipped"
     PHP_FPM=""
     PHP_CHILDREN=""
+fi
+if [[ -n $ORIG_LUAFCGID ]]; then
+    [[ -f $ORIG_LUAFCGID && -x $ORIG_LUAFCGID ]] || die "ORIG_LUAFCGID: '$ORIG_LUAFCGID' is not an executable file"
+    ORIG_LUAFCGID=$(cd "$(dirname "$ORIG_LUAFCGID")" && pwd -P)/$(basename "$ORIG_LUAFCGID")
 fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -110,6 +126,7 @@ T=$(mktemp -d "${TMPDIR:-/tmp}/bench-nginx.XXXXXX")
 T=$(cd "$T" && pwd -P)
 declare -a STARTED=()      # PIDs of everything started in the background
 declare -A STARTED_NAME=() # PID -> name (for messages)
+declare -A STOP_SIGNAL=()  # PID -> signal that stops it, when not TERM
 
 descendants() { # PID: the PIDs of all its descendants, one a line
     local root=$1 f line pid rest changed=1
@@ -142,7 +159,7 @@ cleanup() {
         kill -0 "$pid" 2>/dev/null || continue
         all+=("$pid")
         mapfile -t -O "${#all[@]}" all < <(descendants "$pid")
-        kill -TERM "$pid" 2>/dev/null || true
+        kill -"${STOP_SIGNAL[$pid]:-TERM}" "$pid" 2>/dev/null || true
     done
     for ((i = 0; i < 50; i++)); do # up to 5 s for a clean exit
         left=0
@@ -240,6 +257,11 @@ tree_ticks() { # PID...: utime+stime (clock ticks) of those processes and all th
 mkdir -p "$T/www" "$T/nginx-tmp"
 printf 's = "Hello World"\nfunction handler() return s end\n' >"$T/www/hello.lua"
 printf '<?php echo "Hello World";' >"$T/www/hello.php"
+if [[ -n $ORIG_LUAFCGID ]]; then
+    # The original's entry point is main(env, con) and it ignores return values.
+    mkdir -p "$T/www/orig"
+    printf 's = "Hello World"\nfunction main(env, con) con:puts(s) end\n' >"$T/www/orig/hello.lua"
+fi
 
 NGINX_PORT=$(free_port)
 LUA_TCP_PORT=$(free_port "$NGINX_PORT")
@@ -280,6 +302,9 @@ for n in $PHP_CHILDREN; do add_row "php-fpm/$n" "/php-$n/hello.php" "php-$n"; do
 add_row lua-unix /lua-unix/hello.lua luafcgid
 add_row lua-tcp /lua-tcp/hello.lua luafcgid
 add_row lua-unix+log /lua-log/hello.lua luafcgid-log
+if [[ -n $ORIG_LUAFCGID ]]; then
+    add_row orig-luafcgid /orig/hello.lua orig
+fi
 
 {
     cat <<EOF
@@ -313,6 +338,13 @@ EOF
             echo "    upstream php_$n { server unix:$T/php-$n.sock; }"
         fi
     done
+    if [[ -n $ORIG_LUAFCGID ]]; then
+        if ((ORIG_KEEPALIVE)); then
+            echo "    upstream orig { server unix:$T/orig.sock; keepalive 32; keepalive_requests 1000000; }"
+        else
+            echo "    upstream orig { server unix:$T/orig.sock; }"
+        fi
+    fi
     cat <<EOF
 
     server {
@@ -352,6 +384,17 @@ EOF
         }
 EOF
     done
+    if [[ -n $ORIG_LUAFCGID ]]; then
+        cat <<EOF
+        location ~ ^/orig(?<script>/[^/]+\.lua)\$ {
+            include $T/fastcgi_params;
+            fastcgi_param SCRIPT_FILENAME \$document_root/orig\$script;
+            fastcgi_param SCRIPT_NAME \$script;
+            fastcgi_keep_conn $( ((ORIG_KEEPALIVE)) && echo on || echo off);
+            fastcgi_pass orig;
+        }
+EOF
+    fi
     echo "    }"
     echo "}"
 } >"$T/nginx.conf"
@@ -376,6 +419,26 @@ EOF
         fi
     } >"$T/php-fpm-$n.conf"
 done
+
+if [[ -n $ORIG_LUAFCGID ]]; then
+    # The original's shipped config.lua, with this run's socket, worker count and log file.
+    # Its log replaces its stderr (freopen), so it lands where start() puts stderr.
+    cat >"$T/orig-luafcgid.lua" <<EOF
+listen = "$T/orig.sock"
+workers = $(nproc)
+states = workers * 2
+clones = states
+sweep = 5000
+retries = 1
+showerrors = true
+buffering = true
+headersize = 64
+bodysize = 1024
+handler = "main"
+daemonize = false
+logfile = "$T/orig.err"
+EOF
+fi
 
 # ---------------------------------------------------------------------------
 # Start everything.
@@ -413,6 +476,16 @@ if ((LUAFCGID_OK)); then
 else
     BACKEND_ERR[luafcgid]=$LUAFCGID_WHY
     BACKEND_ERR[luafcgid-log]=$LUAFCGID_WHY
+fi
+
+if [[ -n $ORIG_LUAFCGID ]]; then
+    start orig "$ORIG_LUAFCGID" "$T/orig-luafcgid.lua"
+    BACKEND_PID[orig]=$LAST_PID
+    # libfcgi catches SIGTERM and the original's main thread never leaves its sweep loop.
+    # Out of the job table, bash does not announce its SIGKILL ("Killed").
+    STOP_SIGNAL[$LAST_PID]=KILL
+    disown "$LAST_PID"
+    wait_ready "$LAST_PID" orig "unix:$T/orig.sock" || BACKEND_ERR[orig]="the original luafcgid did not start"
 fi
 
 nginx -t -q -p "$T/" -c "$T/nginx.conf" -e "$T/nginx-error.log" ||
@@ -620,10 +693,13 @@ print_diagnostics() {
         echo "php-fpm/$n log: ${w:-0} warning/error lines"
         grep -iE 'warning|error' "$T/php-fpm-$n.log" 2>/dev/null | head -n 5 | sed 's/^/    /' || true
     done
-    for name in const luafcgid luafcgid-log; do
+    for name in const luafcgid luafcgid-log orig; do
         [[ -f $T/$name.err ]] || continue
-        # Anything above INFO (luafcgid colours its stderr even into a file).
-        msgs=$(sed 's/\x1b\[[0-9;]*m//g' "$T/$name.err" | grep -iE 'warn|error|panic|fatal' || true)
+        # Anything above INFO (luafcgid colours its stderr even into a file); the original
+        # logs only problems.
+        pat='warn|error|panic|fatal'
+        [[ $name == orig ]] && pat='.'
+        msgs=$(sed 's/\x1b\[[0-9;]*m//g' "$T/$name.err" | grep -iE "$pat" || true)
         if [[ -n $msgs ]]; then
             echo "$name stderr: $(wc -l <<<"$msgs") warning/error lines (first 10):"
             head -n 10 <<<"$msgs" | sed 's/^/    /'
