@@ -354,11 +354,14 @@ fn decide(slot: &mut Slot, ceiling_in: Arc<Ceiling>) {
     slot.decision = decision;
 }
 
-/// Adds to `report` what changed in `slot` (file `path`) from `before`.
+/// Adds to `report` what changed in `slot` (file `path`) from `before` (`None`: a slot just
+/// created). `reread`: the file was read again, so its problems are news even if an
+/// earlier version had the same ones.
 fn note(
     report: &mut SweepReport,
     path: &Path,
     before: Option<(&Presence, &Decision)>,
+    reread: bool,
     slot: &Slot,
 ) {
     let was_present = before.is_some_and(|(p, _)| *p != Presence::Absent);
@@ -380,7 +383,7 @@ fn note(
         }
     }
     let problems = slot.decision.problems();
-    if !problems.is_empty() && before.is_none_or(|(_, d)| d.problems() != problems) {
+    if !problems.is_empty() && (reread || before.is_none_or(|(_, d)| d.problems() != problems)) {
         report.rejected.extend(problems.iter().cloned());
     }
 }
@@ -566,7 +569,7 @@ impl PolicyTree {
                 ceiling_out: ceiling_in.clone(),
             };
             decide(&mut slot, ceiling_in);
-            note(&mut events, &d.join(POLICY_FILE), None, &slot);
+            note(&mut events, &d.join(POLICY_FILE), None, true, &slot);
             state.slots.insert(d.clone(), slot);
         }
         Self::keep(&mut state, events);
@@ -670,14 +673,18 @@ impl PolicyTree {
             let Some(slot) = state.slots.get_mut(&dir) else {
                 continue;
             };
-            let old = before
-                .remove(&dir)
-                .unwrap_or_else(|| (slot.presence, slot.decision.clone()));
+            let reread = before.remove(&dir);
+            let old = match &reread {
+                Some(old) => old.clone(),
+                None => (slot.presence, slot.decision.clone()),
+            };
             decide(slot, ceiling_in);
+            let path = dir.join(POLICY_FILE);
             note(
                 &mut report,
-                &dir.join(POLICY_FILE),
+                &path,
                 Some((&old.0, &old.1)),
+                reread.is_some(),
                 slot,
             );
         }

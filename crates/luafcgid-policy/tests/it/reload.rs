@@ -91,12 +91,14 @@ fn a_broken_change_leaves_the_last_valid_version_in_force() {
     assert_eq!(during.generation, before.generation);
     assert_eq!(tree.sweep(), SweepReport::default(), "reported once");
 
-    site.put("t/policy.toml", "{{{\n");
+    site.put("t/policy.toml", "clones = 2\ntimeout_ms = \"later\"\n");
     assert_eq!(
         tree.sweep().rejected.len(),
         1,
-        "another broken version is news"
+        "another broken version is news, even with the same problem"
     );
+    site.put("t/policy.toml", "{{{\n");
+    assert_eq!(tree.sweep().rejected.len(), 1);
     site.put("t/policy.toml", "timeout_ms = 300\n");
     assert_eq!(tree.sweep().changed, vec![file]);
     let after = allowed(tree.resolve(&site.path("t/a.lua")));
