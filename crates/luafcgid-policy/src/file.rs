@@ -46,6 +46,14 @@ impl Lines {
     }
 }
 
+/// Lines of the tables nested in a `policy.toml`: its `[ceiling]` and each
+/// `[script."name.lua"]`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Nested {
+    ceiling: Lines,
+    scripts: BTreeMap<String, Lines>,
+}
+
 /// Reads tables into [`PolicyFields`], collecting problems.
 pub(crate) struct Walk<'a> {
     file: &'a Path,
@@ -97,16 +105,17 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// Reads one table of `section` into fields; `prefix` is the table's dotted key path
-    /// for messages (`""`, `"ceiling."`, `"script.\"a.lua\"."`, `"defaults."`).
+    /// Reads one table of `section` into fields, its keys' lines into `lines` and those of
+    /// its nested tables (only a [`Section::Policy`] has any) into `nested`. `prefix` is
+    /// the table's dotted key path for messages (`""`, `"ceiling."`, `"defaults."`,
+    /// `"script.\"a.lua\"."`).
     pub(crate) fn table(
         &mut self,
         table: &DeTable<'_>,
         section: Section,
         prefix: &str,
         lines: &mut Lines,
-        scripts: &mut BTreeMap<String, Lines>,
-        ceiling_lines: &mut Lines,
+        nested: &mut Nested,
     ) -> PolicyFields {
         let mut out = PolicyFields::default();
         for (k, v) in table.iter() {
@@ -138,21 +147,18 @@ impl<'a> Walk<'a> {
                 "libs" => out.libs = self.libs(&full, line, v, lines),
                 "rate" => out.rate = self.rate(&full, line, v, lines),
                 "vars" => out.vars = self.vars(&full, line, v, lines),
-                "script" => out.script = self.scripts(v, line, scripts),
+                "script" => out.script = self.scripts(v, line, &mut nested.scripts),
                 "ceiling" => {
                     let Some(t) = self.subtable(&full, line, v) else {
                         continue;
                     };
-                    let mut none = BTreeMap::new();
-                    let mut unused = Lines::default();
-                    ceiling_lines.0.insert(String::new(), line);
+                    nested.ceiling.insert("", line);
                     let fields = self.table(
                         t,
                         Section::Ceiling,
                         "ceiling.",
-                        ceiling_lines,
-                        &mut none,
-                        &mut unused,
+                        &mut nested.ceiling,
+                        &mut Nested::default(),
                     );
                     out.ceiling = Some(Box::new(fields));
                 }
@@ -435,17 +441,14 @@ impl<'a> Walk<'a> {
                 continue;
             };
             let mut lines = Lines::default();
-            lines.0.insert(String::new(), at);
-            let mut none = BTreeMap::new();
-            let mut unused = Lines::default();
+            lines.insert("", at);
             let prefix = format!("{full}.");
             let fields = self.table(
                 table,
                 Section::Script,
                 &prefix,
                 &mut lines,
-                &mut none,
-                &mut unused,
+                &mut Nested::default(),
             );
             scripts.insert(name.to_string(), lines);
             out.insert(name.to_string(), fields);
@@ -524,8 +527,7 @@ pub struct PolicyFile {
     fields: PolicyFields,
     ceiling: Option<Ceiling>,
     lines: Lines,
-    ceiling_lines: Lines,
-    script_lines: BTreeMap<String, Lines>,
+    nested: Nested,
 }
 
 impl PolicyFile {
@@ -537,16 +539,8 @@ impl PolicyFile {
             return Err(walk.problems);
         };
         let mut lines = Lines::default();
-        let mut ceiling_lines = Lines::default();
-        let mut script_lines = BTreeMap::new();
-        let fields = walk.table(
-            doc.get_ref(),
-            Section::Policy,
-            "",
-            &mut lines,
-            &mut script_lines,
-            &mut ceiling_lines,
-        );
+        let mut nested = Nested::default();
+        let fields = walk.table(doc.get_ref(), Section::Policy, "", &mut lines, &mut nested);
         let mut problems = walk.problems;
         let ceiling = match fields.ceiling.as_deref().map(Ceiling::from_fields) {
             None => None,
@@ -556,7 +550,7 @@ impl PolicyFile {
                 // combination is refused.
                 problems.push(Problem {
                     file: path.to_path_buf(),
-                    line: ceiling_lines.get(""),
+                    line: nested.ceiling.get(""),
                     key: Some("ceiling".into()),
                     message: format!("[ceiling] {e}"),
                 });
@@ -572,8 +566,7 @@ impl PolicyFile {
             fields,
             ceiling,
             lines,
-            ceiling_lines,
-            script_lines,
+            nested,
         })
     }
 
@@ -644,7 +637,7 @@ impl PolicyFile {
         }
         for (name, fields) in self.fields.script.iter().flatten() {
             let Some(p) = policy_of(fields) else { continue };
-            let lines = self.script_lines.get(name).cloned().unwrap_or_default();
+            let lines = self.nested.scripts.get(name).cloned().unwrap_or_default();
             let shown = quoted_key(name);
             for v in inherited.check(&p, Field::set_in(fields)) {
                 report(
@@ -657,7 +650,7 @@ impl PolicyFile {
         }
         if let Some(own) = &self.ceiling {
             for v in inherited.check_ceiling(own) {
-                report(&self.ceiling_lines, "ceiling.", "", v);
+                report(&self.nested.ceiling, "ceiling.", "", v);
             }
         }
         problems.sort_by_key(|p| p.line);

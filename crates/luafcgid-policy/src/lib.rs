@@ -1,8 +1,9 @@
 //! Policies for luafcgid: what a script may use and how much, per directory.
 //!
-//! The policy fields of the design (section 5) are parsed into a raw, serde-checked
-//! [`PolicyFields`] and folded over a [`Policy`] whose values are all concrete and validated
-//! ([`Policy::apply`]); sizes and durations take units (`"64MiB"`, `"250ms"`). On top of that:
+//! The policy fields (`timeout_ms`, `instructions`, `memory`, `libs`, `[rate]`, `[vars]`,
+//! ...) are parsed into a raw, serde-checked [`PolicyFields`] and folded over a [`Policy`]
+//! whose values are all concrete and validated ([`Policy::apply`]); sizes and durations take
+//! units (`"64MiB"`, `"250ms"`). On top of that:
 //!
 //! - [`PolicyFile`]: one `policy.toml`, parsed with the line of every key, so that each
 //!   [`Problem`] reads `file:line: message` and names the key.

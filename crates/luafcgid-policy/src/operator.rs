@@ -10,7 +10,7 @@ use std::path::Path;
 
 use crate::ceiling::Ceiling;
 use crate::field::{Field, Source};
-use crate::file::{Lines, Section, Walk};
+use crate::file::{Lines, Nested, Section, Walk};
 use crate::problem::Problem;
 use crate::{Policy, PolicyFields};
 
@@ -56,16 +56,8 @@ impl OperatorPolicy {
             lines.insert("", line);
             match v.get_ref() {
                 toml::de::DeValue::Table(t) => {
-                    let mut scripts = Default::default();
-                    let mut unused = Lines::default();
-                    walk.table(
-                        t,
-                        section,
-                        &format!("{name}."),
-                        lines,
-                        &mut scripts,
-                        &mut unused,
-                    )
+                    let prefix = format!("{name}.");
+                    walk.table(t, section, &prefix, lines, &mut Nested::default())
                 }
                 _ => {
                     walk.problem(
