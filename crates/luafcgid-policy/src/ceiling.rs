@@ -129,7 +129,10 @@ impl Ceiling {
     fn over(&self, field: Field, p: &Policy, prefix: &str) -> Option<Violation> {
         let by = self.set_by(field)?;
         if field == Field::Libs {
-            let i = p.libs.iter().position(|l| !self.limits.libs.contains(l))?;
+            let i = p
+                .libs
+                .iter()
+                .position(|l| !crate::lib_allows(&self.limits.libs, l))?;
             let allowed = if self.limits.libs.is_empty() {
                 "none".to_string()
             } else {
@@ -193,7 +196,7 @@ impl Ceiling {
             let take_own = match (self.bounds(f), f) {
                 (false, _) => true,
                 (true, Field::Libs) => {
-                    out.limits.libs.retain(|l| own.limits.libs.contains(l));
+                    out.limits.libs = crate::lib_intersection(&self.limits.libs, &own.limits.libs);
                     out.set_by[f.index()] = if out.limits.libs == self.limits.libs {
                         self.set_by[f.index()].clone()
                     } else {
@@ -217,9 +220,9 @@ impl Ceiling {
         let mut changed = Vec::new();
         for f in Field::ALL.into_iter().filter(|f| self.bounds(*f)) {
             if f == Field::Libs {
-                let before = p.libs.len();
-                p.libs.retain(|l| self.limits.libs.contains(l));
-                if p.libs.len() != before {
+                let narrowed = crate::lib_intersection(&p.libs, &self.limits.libs);
+                if narrowed != p.libs {
+                    p.libs = narrowed;
                     changed.push(f);
                 }
             } else if f.width(p) > f.width(&self.limits) {

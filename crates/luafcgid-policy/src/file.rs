@@ -16,7 +16,10 @@ use toml::Spanned;
 use crate::ceiling::Ceiling;
 use crate::field::{Field, SetBy};
 use crate::problem::{quoted_key, shown_key, LineIndex, Problem};
-use crate::{DurationValue, Policy, PolicyError, PolicyFields, RateFields, SizeValue, KNOWN_LIBS};
+use crate::{
+    is_lib_name, DurationValue, Policy, PolicyError, PolicyFields, RateFields, SizeValue,
+    KNOWN_LIBS, LIB_TABLES,
+};
 
 /// Which table is being read: it decides which keys are allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,16 +330,18 @@ impl<'a> Walk<'a> {
             let at = self.line_at(item.span().start);
             lines.0.insert(format!("libs.{i}"), at);
             match item.get_ref() {
-                DeValue::String(s) if KNOWN_LIBS.contains(&s.as_ref()) => libs.push(s.to_string()),
+                DeValue::String(s) if is_lib_name(s) => libs.push(s.to_string()),
                 DeValue::String(_) => {
                     ok = false;
                     self.problem(
                         Some(at),
                         Some(full.to_string()),
                         format!(
-                            "`{full}` entry {} is not a known library (known: {})",
+                            "`{full}` entry {} is not a known library or library function \
+                             (known: {}, or one function of {} such as \"string.format\")",
                             i + 1,
-                            KNOWN_LIBS.join(", ")
+                            KNOWN_LIBS.join(", "),
+                            LIB_TABLES.join(", ")
                         ),
                     );
                 }

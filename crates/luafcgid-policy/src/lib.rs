@@ -202,6 +202,60 @@ pub struct RateLimits {
     pub burst: Option<u32>,
 }
 
+/// The library tables whose functions a policy may also allow one by one
+/// (`"string.format"`). `os` is not among them: only the four functions in [`KNOWN_LIBS`].
+pub const LIB_TABLES: &[&str] = &["string", "table", "math", "utf8", "coroutine"];
+
+/// Whether `name` is something `libs` may list: a name of [`KNOWN_LIBS`], or one function
+/// of a [`LIB_TABLES`] library (`"string.format"`). Functions the sandbox never provides
+/// (`string.dump`) stay absent whatever the list says.
+pub fn is_lib_name(name: &str) -> bool {
+    if KNOWN_LIBS.contains(&name) {
+        return true;
+    }
+    match name.split_once('.') {
+        Some((table, function)) => {
+            LIB_TABLES.contains(&table)
+                && !function.is_empty()
+                && function.len() <= 64
+                && !function.starts_with(|c: char| c.is_ascii_digit())
+                && function
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        }
+        None => false,
+    }
+}
+
+/// Whether the allow-list `granted` covers `name`: listed itself, or its whole library is.
+pub fn lib_allows(granted: &[String], name: &str) -> bool {
+    granted.iter().any(|g| g == name)
+        || name
+            .split_once('.')
+            .is_some_and(|(table, _)| granted.iter().any(|g| g == table))
+}
+
+/// The names both allow-lists cover: what a script may use under both.
+pub fn lib_intersection(a: &[String], b: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for name in a
+        .iter()
+        .filter(|n| lib_allows(b, n))
+        .chain(b.iter().filter(|n| lib_allows(a, n)))
+    {
+        if !out.contains(name) && !lib_allows(&out, name) {
+            out.push(name.clone());
+        }
+    }
+    // A whole library added after one of its functions covers it.
+    let whole: Vec<String> = out.iter().filter(|n| !n.contains('.')).cloned().collect();
+    out.retain(|n| {
+        !n.split_once('.')
+            .is_some_and(|(table, _)| whole.iter().any(|w| w == table))
+    });
+    out
+}
+
 /// The library names a policy may allow.
 pub const KNOWN_LIBS: &[&str] = &[
     "string",
@@ -354,13 +408,15 @@ impl Policy {
         }
         if let Some(libs) = &f.libs {
             for (i, l) in libs.iter().enumerate() {
-                if !KNOWN_LIBS.contains(&l.as_str()) {
+                if !is_lib_name(l) {
                     return Err(invalid(
                         "libs",
                         format!(
-                            "entry {} is not a known library (known: {})",
+                            "entry {} is not a known library or library function (known: {}, \
+                             or one function of {} such as \"string.format\")",
                             i + 1,
-                            KNOWN_LIBS.join(", ")
+                            KNOWN_LIBS.join(", "),
+                            LIB_TABLES.join(", ")
                         ),
                     ));
                 }
@@ -492,5 +548,63 @@ mod presets {
             Policy::default(),
             "default.toml writes out the built-in defaults"
         );
+    }
+}
+
+#[cfg(test)]
+mod lib_names {
+    use super::*;
+
+    fn list(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn names_functions_and_coverage() {
+        for ok in [
+            "string",
+            "os.date",
+            "string.format",
+            "table.concat",
+            "math.pi",
+        ] {
+            assert!(is_lib_name(ok), "{ok}");
+        }
+        for bad in [
+            "io",
+            "os",
+            "os.exit",
+            "debug.getinfo",
+            "string.",
+            "string.1x",
+            "string.a-b",
+            "",
+        ] {
+            assert!(!is_lib_name(bad), "{bad}");
+        }
+        let granted = list(&["string", "os.date"]);
+        assert!(lib_allows(&granted, "string.format"));
+        assert!(lib_allows(&granted, "os.date"));
+        assert!(!lib_allows(&granted, "os.time"));
+        assert!(!lib_allows(&granted, "table.concat"));
+        assert!(!lib_allows(&list(&["string.format"]), "string"));
+    }
+
+    #[test]
+    fn intersection_keeps_what_both_cover() {
+        let i = lib_intersection(
+            &list(&["string", "table"]),
+            &list(&["string.format", "table", "math"]),
+        );
+        assert_eq!(i, list(&["table", "string.format"]));
+        let i = lib_intersection(&list(&["string.rep"]), &list(&["string.format"]));
+        assert!(i.is_empty());
+        let mut p = Policy::default();
+        p.apply(&toml::from_str("libs = [\"string.format\", \"math\"]").unwrap())
+            .unwrap();
+        assert_eq!(p.libs, list(&["string.format", "math"]));
+        assert!(p
+            .apply(&toml::from_str("libs = [\"os.exit\"]").unwrap())
+            .is_err());
     }
 }

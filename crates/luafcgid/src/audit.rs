@@ -105,6 +105,17 @@ pub fn truncate(text: &str) -> &str {
     &text[..end]
 }
 
+/// The policy files applied to a script (relative to its document root), serialized as an
+/// array of strings without copying them first.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyFiles<'a>(pub &'a [std::path::PathBuf]);
+
+impl Serialize for PolicyFiles<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|p| p.to_string_lossy()))
+    }
+}
+
 /// One `request` event.
 #[derive(Debug, Serialize)]
 pub struct RequestEvent<'a> {
@@ -116,7 +127,7 @@ pub struct RequestEvent<'a> {
     pub uri: Option<&'a str>,
     pub script: Option<&'a str>,
     pub tenant: Option<&'a str>,
-    pub policy: Option<Vec<&'a str>>,
+    pub policy: Option<PolicyFiles<'a>>,
     pub status: Option<u16>,
     pub outcome: &'static str,
     pub duration_us: u64,

@@ -28,6 +28,47 @@ pub enum Command {
     /// and the outcome (stderr, after the request's audit line). Exit 0 when the outcome is
     /// `ok`, 1 otherwise.
     Run(RunArgs),
+    /// Tools for policy authors: check policy files, explain a script's effective policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// `luafcgid policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate every policy.toml under the document roots (or under DIR); print each
+    /// problem as `file:line: message`. Exit 0 when clean, 1 on any problem.
+    Check(PolicyCheckArgs),
+    /// Print a script's effective policy and, for each value, what set it.
+    Explain(PolicyExplainArgs),
+}
+
+/// Flags of `luafcgid policy check`.
+#[derive(Debug, Args)]
+pub struct PolicyCheckArgs {
+    /// Daemon config file (TOML): its `[defaults]` and `[ceiling]` start every chain.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Document root. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub docroot: Vec<PathBuf>,
+    /// Check only this directory (and what binds it from above).
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+/// Flags of `luafcgid policy explain`.
+#[derive(Debug, Args)]
+pub struct PolicyExplainArgs {
+    /// Daemon config file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Document root. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub docroot: Vec<PathBuf>,
+    /// The script.
+    #[arg(value_name = "SCRIPT")]
+    pub script: PathBuf,
 }
 
 /// Flags of `luafcgid run`.

@@ -8,7 +8,9 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use luafcgid_policy::{parse_rate, parse_size, Policy, PolicyFields, Rate};
+use luafcgid_policy::{
+    parse_rate, parse_size, Ceiling, OperatorPolicy, Policy, PolicyFields, Rate,
+};
 use serde::Deserialize;
 
 /// Why a configuration was refused.
@@ -176,6 +178,14 @@ fn invalid(origin: &str, key: &str, message: impl Into<String>) -> ConfigError {
         origin: origin.to_string(),
         key: key.to_string(),
         message: message.into(),
+    }
+}
+
+impl Config {
+    /// The operator's policy for the policy tree: the `[defaults]` (with the flags applied)
+    /// and the `[ceiling]` (over the built-in one).
+    pub fn operator_policy(&self) -> OperatorPolicy {
+        OperatorPolicy::new(self.defaults.clone(), Ceiling::from_policy(&self.ceiling))
     }
 }
 
@@ -480,7 +490,11 @@ pub fn check_ceiling(p: &Policy, c: &Policy) -> Result<(), (&'static str, String
     if p.persistent && !c.persistent {
         return over("persistent", "true".into(), "false".into());
     }
-    if let Some(l) = p.libs.iter().find(|l| !c.libs.contains(l)) {
+    if let Some(l) = p
+        .libs
+        .iter()
+        .find(|l| !luafcgid_policy::lib_allows(&c.libs, l))
+    {
         return Err(("libs", format!("`{l}` is not allowed by the ceiling")));
     }
     Ok(())

@@ -93,7 +93,7 @@ where
                                 decoder.params(id).and_then(|p| p.get(b"SCRIPT_FILENAME")),
                             );
                             let limit = match &answer {
-                                Ok(script) => shared.policy_for(script).body,
+                                Ok(script) => shared.body_limit(script),
                                 Err(_) => 0,
                             };
                             decoder.set_body_limit(id, limit);

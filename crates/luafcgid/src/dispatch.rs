@@ -19,12 +19,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fastcgi_protocol::{encode_end_request, encode_response, Params, ProtocolStatus};
-use luafcgid_policy::Policy;
-use luafcgid_pool::Retire;
+use luafcgid_policy::{Effective, Resolution};
+use luafcgid_pool::{Retire, Version};
 use luafcgid_sandbox::{ClientProbe, Failure, Limits, RequestInput, ScriptState, StateOptions};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::audit::{timestamp, truncate, RequestEvent};
+use crate::audit::{timestamp, truncate, PolicyFiles, RequestEvent};
 use crate::outcome::Outcome;
 use crate::probe::SocketProbe;
 use crate::render::{error_page, render};
@@ -73,6 +73,8 @@ pub struct Incoming {
 struct Audit<'a> {
     request_id: &'a str,
     script: Option<&'a Script>,
+    /// The script's effective policy, when it was resolved.
+    effective: Option<&'a Effective>,
     status: Option<u16>,
     outcome: Outcome,
     instructions: Option<u64>,
@@ -98,10 +100,13 @@ fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
         uri: param_str(&inc.params, "REQUEST_URI").map(truncate),
         script: a.script.map(|s| truncate(&s.relative)),
         tenant: a
-            .script
-            .map(|s| s.tenant.as_str())
+            .effective
+            .map(|e| e.tenant.as_str())
+            .or(a.script.map(|s| s.tenant.as_str()))
             .filter(|t| !t.is_empty()),
-        policy: a.script.map(|_| Vec::new()),
+        policy: a
+            .script
+            .map(|_| PolicyFiles(a.effective.map_or(&[], |e| &e.files))),
         status: a.status,
         outcome: a.outcome.as_str(),
         duration_us: inc.received.elapsed().as_micros() as u64,
@@ -131,6 +136,7 @@ pub fn answer_early(
     shared: &Shared,
     inc: &Incoming,
     script: Option<&Script>,
+    effective: Option<&Effective>,
     outcome: Outcome,
     retry_after: Option<u64>,
     detail: Option<&str>,
@@ -154,6 +160,7 @@ pub fn answer_early(
         Audit {
             request_id: &request_id,
             script,
+            effective,
             status: Some(status),
             outcome,
             instructions: None,
@@ -193,15 +200,64 @@ pub fn dispatch(
                 Refusal::NotFound => (Outcome::NotFound, "no such script"),
                 Refusal::Forbidden(w) => (Outcome::Forbidden, w),
             };
-            return Some(answer_early(shared, &inc, None, outcome, None, Some(why)));
+            return Some(answer_early(
+                shared,
+                &inc,
+                None,
+                None,
+                outcome,
+                None,
+                Some(why),
+            ));
         }
     };
-    let policy = shared.policy_for(&script);
+    let effective = match shared.policy_for(&script) {
+        Resolution::Allowed(e) => e,
+        Resolution::Denied(e) => {
+            let why = "denied by policy";
+            let e = Some(&*e);
+            return Some(answer_early(
+                shared,
+                &inc,
+                Some(&script),
+                e,
+                Outcome::Forbidden,
+                None,
+                Some(why),
+            ));
+        }
+        Resolution::Invalid(problem) => {
+            let why = problem.to_string();
+            return Some(answer_early(
+                shared,
+                &inc,
+                Some(&script),
+                None,
+                Outcome::PolicyError,
+                None,
+                Some(&why),
+            ));
+        }
+        Resolution::Outside => {
+            let why = "outside the document roots";
+            return Some(answer_early(
+                shared,
+                &inc,
+                Some(&script),
+                None,
+                Outcome::Forbidden,
+                None,
+                Some(why),
+            ));
+        }
+    };
+    let policy = &effective.policy;
     if inc.body_exceeded || inc.body_len > policy.body {
         return Some(answer_early(
             shared,
             &inc,
             Some(&script),
+            Some(&effective),
             Outcome::BodyTooLarge,
             None,
             Some("request body over the limit"),
@@ -211,7 +267,7 @@ pub fn dispatch(
     if let Some(probe) = inline {
         if let Ok(clone) = admission.clone().try_acquire_owned() {
             if let Ok(slot) = shared.lua_slots.clone().try_acquire_owned() {
-                let reply = run(shared, &inc, &script, &policy, Some(probe));
+                let reply = run(shared, &inc, &script, &effective, Some(probe));
                 drop((slot, clone));
                 return Some(reply);
             }
@@ -223,6 +279,7 @@ pub fn dispatch(
             shared,
             &inc,
             Some(&script),
+            Some(&effective),
             Outcome::Shed,
             Some(SHED_RETRY_AFTER),
             Some("too many requests waiting"),
@@ -241,7 +298,7 @@ pub fn dispatch(
         let reply = match permits {
             Ok(Some(permits)) => {
                 let probe = SocketProbe::runtime_only();
-                let reply = run(&shared, &inc, &script, &policy, Some(&probe));
+                let reply = run(&shared, &inc, &script, &effective, Some(&probe));
                 drop(permits);
                 reply
             }
@@ -249,6 +306,7 @@ pub fn dispatch(
                 &shared,
                 &inc,
                 Some(&script),
+                Some(&effective),
                 Outcome::Shed,
                 Some(SHED_RETRY_AFTER),
                 Some("waited too long for a state"),
@@ -259,12 +317,13 @@ pub fn dispatch(
     None
 }
 
-/// Builds the sandbox options of a script under a policy.
-pub fn state_options(script: &Script, policy: &Policy) -> StateOptions {
+/// Builds the sandbox options of a script under its effective policy.
+pub fn state_options(script: &Script, effective: &Effective) -> StateOptions {
+    let policy = &effective.policy;
     StateOptions {
         script: script.key.to_path_buf(),
         chunk_name: script.relative.clone(),
-        module_root: script.tenant_root.clone(),
+        module_root: effective.tenant_root.clone(),
         modules: policy.modules,
         entry: policy.entry.clone(),
         memory: policy.memory as usize,
@@ -281,9 +340,10 @@ fn run(
     shared: &Shared,
     inc: &Incoming,
     script: &Script,
-    policy: &Policy,
+    effective: &Effective,
     client: Option<&dyn ClientProbe>,
 ) -> Reply {
+    let policy = &effective.policy;
     let request_id = shared.ids.next_id();
     let head = is_head(&inc.params);
     let limits = Limits {
@@ -297,8 +357,12 @@ fn run(
     let result: Result<luafcgid_sandbox::Response, Failure> = if inc.abort.load(Ordering::Relaxed) {
         Err(Failure::Aborted)
     } else {
-        let lease = shared.pool.checkout(&script.key, script.stamp, || {
-            ScriptState::load(&state_options(script, policy), &inc.abort)
+        let version = Version {
+            file: script.stamp,
+            policy: effective.generation,
+        };
+        let lease = shared.pool.checkout(&script.key, version, || {
+            ScriptState::load(&state_options(script, effective), &inc.abort)
         });
         match lease {
             Err(f) => Err(f),
@@ -379,6 +443,7 @@ fn run(
         Audit {
             request_id: &request_id,
             script: Some(script),
+            effective: Some(effective),
             status: (outcome != Outcome::Aborted).then_some(status),
             outcome,
             instructions,

@@ -123,7 +123,7 @@ async fn serve(
         let filename = format!("{}{}", docroot.display(), path);
         let script = shared.resolver.resolve(Some(filename.as_bytes()));
         let limit = match &script {
-            Ok(s) => shared.policy_for(s).body,
+            Ok(s) => shared.body_limit(s),
             Err(_) => 0,
         };
         let received = Instant::now();

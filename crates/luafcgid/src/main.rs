@@ -5,9 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use luafcgid::cli::{Cli, Command, RunArgs, ServeArgs, EXIT_USAGE};
+use luafcgid::cli::{
+    Cli, Command, PolicyCheckArgs, PolicyCommand, PolicyExplainArgs, RunArgs, ServeArgs, EXIT_USAGE,
+};
+use luafcgid::config::Overrides;
 use luafcgid::config::RawConfig;
 use luafcgid::server::Server;
+use luafcgid_policy::{PolicyTree, Problem};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -29,7 +33,67 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Run(args) => run_script(args),
+        Command::Policy(PolicyCommand::Check(args)) => policy_check(args),
+        Command::Policy(PolicyCommand::Explain(args)) => policy_explain(args),
     }
+}
+
+/// The policy tree of a validated config (document roots made real).
+fn policy_tree(config: &luafcgid::config::Config) -> PolicyTree {
+    let roots = config
+        .docroots
+        .iter()
+        .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
+        .collect();
+    PolicyTree::new(config.operator_policy(), roots)
+}
+
+/// Every problem of the policy files under the tree's roots (or under `dir`).
+fn policy_problems(tree: &PolicyTree, dir: Option<&std::path::Path>) -> Vec<Problem> {
+    match dir {
+        Some(d) => tree.check(d),
+        None => tree.roots().iter().flat_map(|r| tree.check(r)).collect(),
+    }
+}
+
+fn policy_check(args: PolicyCheckArgs) -> ExitCode {
+    // Without any document root, the directory checked is the root.
+    let mut docroot = args.docroot.clone();
+    if docroot.is_empty() && args.config.is_none() {
+        docroot.extend(args.dir.clone());
+    }
+    let overrides = Overrides {
+        docroot,
+        ..Overrides::default()
+    };
+    let (config, _) = match load_config(args.config.as_ref(), &overrides) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let tree = policy_tree(&config);
+    let problems = policy_problems(&tree, args.dir.as_deref());
+    for p in &problems {
+        println!("{p}");
+    }
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} problem(s)", problems.len());
+        ExitCode::from(1)
+    }
+}
+
+fn policy_explain(args: PolicyExplainArgs) -> ExitCode {
+    let overrides = Overrides {
+        docroot: args.docroot.clone(),
+        ..Overrides::default()
+    };
+    let (config, _) = match load_config(args.config.as_ref(), &overrides) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    print!("{}", policy_tree(&config).explain(&args.script));
+    ExitCode::SUCCESS
 }
 
 /// Reads and validates the config file (if any) with `overrides`; prints the problem and
@@ -109,6 +173,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(code) => return code,
     };
     if args.check {
+        let problems = policy_problems(&policy_tree(&config), None);
+        for p in &problems {
+            println!("{p}");
+        }
+        if !problems.is_empty() {
+            eprintln!("{origin}: ok; {} policy problem(s)", problems.len());
+            return ExitCode::from(1);
+        }
         println!("{origin}: ok");
         return ExitCode::SUCCESS;
     }

@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use luafcgid_policy::Policy;
+use luafcgid_policy::{PolicyTree, Problem, Resolution, SweepReport};
 use luafcgid_pool::StatePool;
 use luafcgid_sandbox::ScriptState;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 
-use crate::audit::AuditLog;
+use crate::audit::{truncate, AuditLog};
 use crate::config::{Config, ListenAddr};
 use crate::render::Defaults;
 use crate::request_id::RequestIds;
@@ -72,7 +72,8 @@ pub struct Shared {
     pub waiting: AtomicUsize,
     /// Connections refused at the cap.
     pub refused_connections: AtomicU64,
-    default_policy: Arc<Policy>,
+    /// Effective policies per directory (`policy.toml` files under the document roots).
+    pub policies: PolicyTree,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -99,7 +100,10 @@ impl Shared {
                 content_type: config.default_content_type.clone(),
                 headers: config.headers.clone(),
             },
-            default_policy: Arc::new(config.defaults.clone()),
+            policies: PolicyTree::new(
+                config.operator_policy(),
+                resolver.roots().map(Path::to_path_buf).collect(),
+            ),
             resolver,
             lua_slots,
             audit,
@@ -112,9 +116,65 @@ impl Shared {
         }))
     }
 
-    /// The effective policy of a script.
-    pub fn policy_for(&self, _script: &Script) -> Arc<Policy> {
-        self.default_policy.clone()
+    /// The effective policy of a script (a cached lookup when warm).
+    pub fn policy_for(&self, script: &Script) -> Resolution {
+        self.policies.resolve(&script.key)
+    }
+
+    /// The most request body a script may receive: its policy's `body`, or nothing when it
+    /// will not run (denied, or its policy is invalid).
+    pub fn body_limit(&self, script: &Script) -> u64 {
+        match self.policy_for(script) {
+            Resolution::Allowed(e) => e.policy.body,
+            _ => 0,
+        }
+    }
+
+    /// Logs what a policy sweep found: `policy_loaded` for files now in force,
+    /// `policy_rejected` for files that are not (an older version stays, or their subtree
+    /// answers `policy_error`).
+    pub fn log_policy_report(&self, report: &SweepReport) {
+        for file in report.loaded.iter().chain(&report.changed) {
+            self.audit.lifecycle(
+                "policy_loaded",
+                serde_json::json!({"file": self.resolver.relative(file)}),
+            );
+        }
+        for file in &report.removed {
+            self.audit.lifecycle(
+                "policy_loaded",
+                serde_json::json!({"file": self.resolver.relative(file), "removed": true}),
+            );
+        }
+        for p in &report.rejected {
+            tracing::warn!("policy rejected: {p}");
+            self.log_policy_problem(p);
+        }
+    }
+
+    fn log_policy_problem(&self, p: &Problem) {
+        self.audit.lifecycle(
+            "policy_rejected",
+            serde_json::json!({
+                "file": self.resolver.relative(&p.file),
+                "line": p.line,
+                "message": truncate(&p.message),
+            }),
+        );
+    }
+
+    /// Checks every policy file under the document roots and logs each problem as a
+    /// `policy_rejected` event; returns how many there were.
+    pub fn check_policies(&self) -> usize {
+        let mut count = 0;
+        for root in self.policies.roots() {
+            for p in self.policies.check(root) {
+                tracing::warn!("invalid policy: {p}");
+                self.log_policy_problem(&p);
+                count += 1;
+            }
+        }
+        count
     }
 
     /// Whether the server is shutting down.
@@ -280,6 +340,10 @@ impl Server {
                 connections.clone(),
             )));
         }
+        // Report invalid policies at start (their subtrees answer `policy_error`); the
+        // walk runs beside serving, never delaying it.
+        let checked = shared.clone();
+        tokio::task::spawn_blocking(move || checked.check_policies());
         let sweeper = tokio::spawn(sweep(shared.clone()));
         let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let watchdog = {
@@ -425,8 +489,10 @@ async fn sweep(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let s = shared.clone();
-        let retired = tokio::task::spawn_blocking(move || s.pool.sweep()).await;
-        for key in retired.unwrap_or_default() {
+        let swept = tokio::task::spawn_blocking(move || (s.pool.sweep(), s.policies.sweep())).await;
+        let (retired, report) = swept.unwrap_or_default();
+        shared.log_policy_report(&report);
+        for key in retired {
             shared.audit.lifecycle(
                 "state_evicted",
                 serde_json::json!({"script": shared.resolver.relative(&key), "reason": "changed"}),

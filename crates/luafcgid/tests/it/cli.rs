@@ -240,3 +240,81 @@ fn run_prints_the_cgi_response_and_the_outcome() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[test]
+fn policy_check_explain_and_serve_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let write = |rel: &str, text: &str| {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    write("policy.toml", "[ceiling]\ntimeout_ms = 500\n");
+    write("a/policy.toml", "tenant = \"alpha\"\ntimeout_ms = 400\n");
+    write("a/x.lua", "function handler() return 'x' end");
+
+    // Clean: exit 0, nothing printed.
+    let out = luafcgid()
+        .args(["policy", "check", "--docroot"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(out.stdout.is_empty());
+
+    // Explain: each value with what set it.
+    let out = luafcgid()
+        .args(["policy", "explain", "--docroot"])
+        .arg(&root)
+        .arg(root.join("a/x.lua"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"alpha\""), "{text}");
+    let timeout = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("timeout_ms"))
+        .unwrap();
+    assert!(
+        timeout.contains("400ms") && timeout.contains("a/policy.toml"),
+        "{timeout}"
+    );
+
+    // A value over the inherited ceiling and an unknown key: file:line for each, exit 1.
+    write("b/policy.toml", "# b\ntimeout_ms = 900\n");
+    write("c/d/policy.toml", "clones = 2\ntimeout = 3\n");
+    let out = luafcgid()
+        .args(["policy", "check", "--docroot"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let b = format!("{}:2:", root.join("b/policy.toml").display());
+    let c = format!("{}:2:", root.join("c/d/policy.toml").display());
+    assert!(text.contains(&b) && text.contains("timeout_ms"), "{text}");
+    assert!(text.contains(&c) && text.contains("timeout"), "{text}");
+    // Only one directory.
+    let out = luafcgid()
+        .args(["policy", "check", "--docroot"])
+        .arg(&root)
+        .arg(root.join("a"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // serve --check validates the policies too.
+    let out = luafcgid()
+        .args(["serve", "--check", "--docroot"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&b));
+
+    // Usage errors exit 64.
+    let out = luafcgid().args(["policy", "explain"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}

@@ -5,5 +5,6 @@ mod corpus;
 mod fastcgi;
 mod http;
 mod nginx;
+mod policies;
 mod scripts;
 mod support;
