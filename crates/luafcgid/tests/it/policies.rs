@@ -82,6 +82,20 @@ const CASES: &[Case] = &[
         "ok",
     ),
     (
+        "inittime/over.lua",
+        "init_timeout_ms = 100\ninit_instructions = 10_000_000_000",
+        "while true do end\nfunction handler() return 'x' end",
+        500,
+        "limit_time",
+    ),
+    (
+        "inittime/under.lua",
+        "init_timeout_ms = 100\ninit_instructions = 10_000_000_000",
+        "local t = 0 for i = 1, 1000 do t = t + i end\nfunction handler() return 'x' end",
+        200,
+        "ok",
+    ),
+    (
         "libs/over.lua",
         "libs = [\"string\"]",
         "function handler() return table.concat({'a', 'b'}) end",
@@ -180,6 +194,13 @@ fn persistence_retirement_entry_vars_and_show_errors() {
             ("fresh/c.lua", counter),
             ("retire/policy.toml", "state_max_requests = 2"),
             ("retire/c.lua", counter),
+            ("aged/policy.toml", "state_max_age = \"10ms\""),
+            (
+                "aged/c.lua",
+                // Each request outlives the age limit (200 ms of process CPU time is at least
+                // 10 ms of wall time on up to 20 cores), so its state is retired after it.
+                "function handler() local t = os.clock() while os.clock() - t < 0.2 do end n = (n or 0) + 1 return n end",
+            ),
             ("entry/policy.toml", "entry = \"go\""),
             (
                 "entry/e.lua",
@@ -200,6 +221,7 @@ fn persistence_retirement_entry_vars_and_show_errors() {
     assert_eq!(seq("kept/c.lua"), ["1", "2", "3"]);
     assert_eq!(seq("fresh/c.lua"), ["1", "1", "1"]);
     assert_eq!(seq("retire/c.lua"), ["1", "2", "1"]);
+    assert_eq!(seq("aged/c.lua"), ["1", "1", "1"]);
     assert_eq!(d.get("entry/e.lua").text(), "go");
     let shown = d.get("errors/boom.lua");
     assert_eq!(shown.status, 500);
