@@ -8,9 +8,11 @@
 --   G               the state's globals table (load's default environment)
 --   step()          raises if the run was stopped or its deadline has passed; called between
 --                   the slices of work the wrappers below split long C calls into
+--   rep(s, n, sep)  string.rep for long results (strings, n > 1): refuses one larger than the
+--                   memory limit at once and builds the rest in slices with deadline checks
 -- The originals of the wrapped functions survive only as upvalues here; scripts have no
 -- debug library to reach them.
-local check, emit, G, step = ...
+local check, emit, G, step, rep = ...
 
 local type, select, error, tostring, tonumber = type, select, error, tostring, tonumber
 local rawget, getmetatable, osetmetatable = rawget, getmetatable, setmetatable
@@ -33,6 +35,9 @@ end
 
 -- How many elements the table wrappers hand to one C call; a step check runs between two.
 local CHUNK = 4096
+
+-- Longest string.rep result left to Lua's own C function.
+local REP_DIRECT = 1 << 20
 
 -- Passes a protected call's results through, unless the run was stopped meanwhile: then the
 -- stop is raised again, so no protected call can swallow a limit.
@@ -400,7 +405,8 @@ end
 if string then
 	local str = string
 	str.dump = nil
-	-- string.rep of an empty string and separator loops `n` times copying nothing.
+	-- string.rep of an empty string and separator loops `n` times copying nothing; a long
+	-- result is one C call that copies the pieces one by one (60 MiB of "x": over 100 ms).
 	local orep = str.rep
 	str.rep = function(s, n, sep)
 		local k = int(n)
@@ -409,9 +415,14 @@ if string then
 			if
 				(ts == "string" or ts == "number")
 				and (sep == nil or tsep == "string" or tsep == "number")
-				and #tostring(s) + (sep == nil and 0 or #tostring(sep)) == 0
 			then
-				return ""
+				local ls, lsep = #tostring(s), (sep == nil and 0 or #tostring(sep))
+				if ls + lsep == 0 then
+					return ""
+				end
+				if (ls + lsep) * 1.0 * k > REP_DIRECT then
+					return rep(tostring(s), k, sep ~= nil and tostring(sep) or "")
+				end
 			end
 		end
 		return orep(s, n, sep)

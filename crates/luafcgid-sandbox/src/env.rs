@@ -126,11 +126,19 @@ pub(crate) fn new_state<S: AsRef<str>>(libs: &[S], budget: &Arc<Budget>) -> mlua
         let budget = Arc::clone(budget);
         lua.create_function(move |_, ()| budget.step())?
     };
+    let rep = {
+        let budget = Arc::clone(budget);
+        lua.create_function(
+            move |lua, (s, n, sep): (mlua::LuaString, i64, mlua::LuaString)| {
+                long_rep(lua, &budget, &s.as_bytes(), n, &sep.as_bytes())
+            },
+        )?
+    };
     crate::pattern::install(&lua, budget)?;
     lua.load(BOOTSTRAP)
         .set_name("=[luafcgid]")
         .set_mode(mlua::chunk::ChunkMode::Text)
-        .call::<()>((check, emit, lua.globals(), step))?;
+        .call::<()>((check, emit, lua.globals(), step, rep))?;
 
     let globals = lua.globals();
     for lib in LIB_TABLES {
@@ -204,4 +212,51 @@ fn narrow(table: &Table, lib: &str, libs: &[&str]) -> mlua::Result<()> {
         table.raw_set(k, Value::Nil)?;
     }
     Ok(())
+}
+
+/// Bytes `long_rep` copies between two deadline checks.
+const REP_SLICE: usize = 8 << 20;
+
+/// `string.rep(s, n, sep)` for long results: refuses a result larger than the state's
+/// memory limit at once (`limit_memory`, as Lua would after allocating it), then builds it
+/// by doubling, with a deadline check after each slice of at most [`REP_SLICE`] bytes.
+/// Lua's own `string.rep` copies the pieces one at a time in one C call (60 MiB of `"x"`
+/// took over 100 ms); this takes a few milliseconds and stops at the deadline. The buffer
+/// lives outside the Lua heap until the result is made a Lua string (which the memory
+/// limit then counts); it is never larger than the memory limit.
+fn long_rep(
+    lua: &Lua,
+    budget: &Budget,
+    s: &[u8],
+    n: i64,
+    sep: &[u8],
+) -> mlua::Result<mlua::LuaString> {
+    let memory_error = || budget.trip(Stop::Limit(LimitKind::Memory));
+    let k = usize::try_from(n).unwrap_or(0);
+    if k == 0 {
+        return lua.create_string("");
+    }
+    let unit = s.len() + sep.len();
+    let total = unit
+        .checked_mul(k)
+        .and_then(|t| t.checked_sub(sep.len()))
+        .ok_or_else(memory_error)?;
+    let limit = budget.memory_limit();
+    if limit > 0 && total > limit {
+        return Err(memory_error());
+    }
+    budget.step()?;
+    let mut out: Vec<u8> = Vec::new();
+    out.try_reserve_exact(total + sep.len())
+        .map_err(|_| memory_error())?;
+    out.extend_from_slice(s);
+    out.extend_from_slice(sep);
+    let full = unit * k;
+    while out.len() < full {
+        let whole_units = (out.len().min(full - out.len()).min(REP_SLICE) / unit).max(1);
+        out.extend_from_within(..whole_units * unit);
+        budget.step()?;
+    }
+    out.truncate(total);
+    lua.create_string(&out)
 }

@@ -300,3 +300,39 @@ fn instructions_are_counted_as_executed() {
         assert!((expected..expected + 40).contains(&n), "{body}: {n}");
     }
 }
+
+#[test]
+fn long_string_rep_is_exact_bounded_and_interruptible() {
+    // Results over 1 MiB are built by the sliced version: same bytes as Lua's.
+    let mut s = load(
+        "function handler()
+           local a = string.rep('ab', 700000, ',')
+           local b = string.rep(7, 400000)
+           local c = string.rep('xyz', 500000)
+           assert(#a == 700000 * 3 - 1 and a:sub(1, 8) == 'ab,ab,ab' and a:sub(-5) == 'ab,ab')
+           assert(not a:find('ab,,') and not a:find(',,'))
+           assert(#b == 400000 and b:sub(1, 3) == '777')
+           assert(#c == 1500000 and c:sub(-6) == 'xyzxyz')
+           return 'ok'
+         end",
+    );
+    assert_eq!(body(request(&mut s.state)), "ok");
+    // Larger than the memory limit (16 MiB here): refused at once, as a memory limit.
+    let mut s = load("function handler() return #string.rep('x', 32 * 1024 * 1024) end");
+    expect_limit(request(&mut s.state), LimitKind::Memory);
+    let mut s = load("function handler() return #string.rep('x', 1 << 62, 'y') end");
+    expect_limit(request(&mut s.state), LimitKind::Memory);
+    // A loop of long reps stops at the deadline.
+    let mut s =
+        load("function handler() while true do local x = string.rep('x', 6 * 1024 * 1024) end end");
+    let limits = Limits {
+        instructions: 0,
+        timeout: Duration::from_millis(200),
+        output: 0,
+    };
+    let start = Instant::now();
+    let report = Req::default().run(&mut s.state, &limits);
+    let elapsed = start.elapsed();
+    expect_limit(report, LimitKind::Time);
+    assert!(elapsed < Duration::from_millis(300), "{elapsed:?}");
+}
