@@ -103,6 +103,7 @@ pub struct RawConfig {
     pub sweep_ms: Option<u64>,
     pub queue_timeout_ms: Option<u64>,
     pub queue_max: Option<usize>,
+    pub tenant_workers: Option<usize>,
     pub client_key: Option<String>,
     pub rate_global: Option<String>,
     pub max_connections: Option<usize>,
@@ -151,6 +152,9 @@ pub struct Config {
     pub sweep: Duration,
     pub queue_timeout: Duration,
     pub queue_max: usize,
+    /// Most Lua workers one tenant may hold at once (default: `workers - 1`, at least 1), so
+    /// a tenant flooding the daemon with slow requests never holds every worker.
+    pub tenant_workers: usize,
     pub client_key: String,
     pub rate_global: Option<Rate>,
     pub max_connections: usize,
@@ -355,6 +359,15 @@ impl RawConfig {
         let idle_timeout = ms("idle_timeout_ms", self.idle_timeout_ms, 60_000, 1)?;
         let shutdown_timeout = ms("shutdown_timeout_ms", self.shutdown_timeout_ms, 10_000, 0)?;
         let queue_max = self.queue_max.unwrap_or(1024);
+        let tenant_workers = self
+            .tenant_workers
+            .unwrap_or(workers.saturating_sub(1).max(1));
+        if !(1..=workers).contains(&tenant_workers) {
+            return Err(e(
+                "tenant_workers",
+                format!("must be between 1 and `workers` ({workers})"),
+            ));
+        }
         if queue_max == 0 {
             return Err(e("queue_max", "must be at least 1".into()));
         }
@@ -416,6 +429,7 @@ impl RawConfig {
             sweep,
             queue_timeout,
             queue_max,
+            tenant_workers,
             client_key,
             rate_global,
             max_connections,

@@ -7,6 +7,7 @@
 //! only crate that knows all of them (see ARCHITECTURE.md). [`server::Server`] can be bound
 //! and run from tests on `127.0.0.1:0` or a unix socket.
 
+pub mod admission;
 pub mod audit;
 pub mod cli;
 pub mod config;

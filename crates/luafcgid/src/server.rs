@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use luafcgid_sandbox::ScriptState;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 
+use crate::admission::{TenantSlots, WaitingRoom};
 use crate::audit::{truncate, AuditLog};
 use crate::config::{Config, ListenAddr};
 use crate::render::Defaults;
@@ -68,8 +69,10 @@ pub struct Shared {
     pub defaults: Defaults,
     pub ids: RequestIds,
     pub limits: fastcgi_protocol::Limits,
-    /// Requests waiting for one of their script's states.
-    pub waiting: AtomicUsize,
+    /// Requests waiting for their permits (a Lua slot, a clone, their tenant's share).
+    pub waiting: WaitingRoom,
+    /// The Lua workers each tenant may hold.
+    pub tenants: TenantSlots,
     /// Connections refused at the cap.
     pub refused_connections: AtomicU64,
     /// Effective policies per directory (`policy.toml` files under the document roots).
@@ -109,7 +112,8 @@ impl Shared {
             audit,
             ids: RequestIds::default(),
             limits,
-            waiting: AtomicUsize::new(0),
+            waiting: WaitingRoom::new(config.queue_max),
+            tenants: TenantSlots::new(config.tenant_workers),
             refused_connections: AtomicU64::new(0),
             config,
             shutdown,
@@ -489,7 +493,11 @@ async fn sweep(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let s = shared.clone();
-        let swept = tokio::task::spawn_blocking(move || (s.pool.sweep(), s.policies.sweep())).await;
+        let swept = tokio::task::spawn_blocking(move || {
+            s.tenants.prune();
+            (s.pool.sweep(), s.policies.sweep())
+        })
+        .await;
         let (retired, report) = swept.unwrap_or_default();
         shared.log_policy_report(&report);
         for key in retired {

@@ -225,8 +225,9 @@ fn unknown_type_and_unknown_role() {
 
 #[test]
 fn multiplexed_requests_complete_out_of_order() {
+    // One tenant's two requests at once: let it use both workers.
     let d = Daemon::start(
-        "",
+        "tenant_workers = 2",
         &[
             ("slow.lua", "function handler() local t = os.clock() while os.clock() - t < 0.3 do end return 'slow' end"),
             ("hello.lua", HELLO),
@@ -454,7 +455,7 @@ fn connection_cap_refuses_extra_connections() {
 #[test]
 fn management_records_are_answered_while_every_worker_is_busy() {
     let d = Daemon::start(
-        "[defaults]\ntimeout_ms = 3000\ninstructions = 100000000000\nclones = 4\n",
+        "tenant_workers = 2\n[defaults]\ntimeout_ms = 3000\ninstructions = 100000000000\nclones = 4\n",
         &[("spin.lua", "function handler() local t = os.clock() while os.clock() - t < 1.5 do end return 'x' end")],
     );
     let mut busy: Vec<Client> = (0..2)
@@ -550,7 +551,7 @@ fn connections_are_served_during_a_long_c_call() {
     // still accept and serve other connections meanwhile.
     let long_c = "function handler() local s = string.rep('a', 28) return tostring(s:find('.-.-.-.-.-.-.-.-b')) end";
     let d = Daemon::start(
-        "[defaults]\ntimeout_ms = 20000\ninstructions = 100000000000\n",
+        "tenant_workers = 2\n[defaults]\ntimeout_ms = 20000\ninstructions = 100000000000\n",
         &[("pattern.lua", long_c), ("hello.lua", HELLO)],
     );
     let mut slow = d.client();

@@ -1,5 +1,6 @@
 //! Integration tests: the daemon in-process, spoken to over real sockets.
 
+mod admission;
 mod cli;
 mod corpus;
 mod fastcgi;

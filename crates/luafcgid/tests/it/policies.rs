@@ -243,7 +243,7 @@ fn clones_from_the_policy_bound_the_states_of_a_script() {
     let slow =
         "function handler() local t = os.clock() while os.clock() - t < 0.2 do end return 'ok' end";
     let d = Daemon::start(
-        "queue_timeout_ms = 5000",
+        "queue_timeout_ms = 5000\ntenant_workers = 2",
         &[
             ("one/policy.toml", "clones = 1"),
             ("one/slow.lua", slow),

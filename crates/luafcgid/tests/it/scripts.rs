@@ -32,7 +32,7 @@ fn not_persistent_policy_gives_a_fresh_state_each_time() {
 fn clones_bound_states_per_script_and_queue_then_shed() {
     // The first request holds the only clone until its wall-clock limit ends it.
     let d = Daemon::start(
-        "queue_timeout_ms = 100\n[defaults]\nclones = 1\ntimeout_ms = 1500\ninstructions = 100000000000\n",
+        "queue_timeout_ms = 100\ntenant_workers = 2\n[defaults]\nclones = 1\ntimeout_ms = 1500\ninstructions = 100000000000\n",
         &[("slow.lua", "function handler() while true do end end"), ("hello.lua", HELLO)],
     );
     let mut first = d.client();
