@@ -1,9 +1,12 @@
-//! A minimal, level-triggered epoll wrapper and `sysconf(_SC_CLK_TCK)`: the
-//! only `unsafe` code of the bench tools, each call a thin FFI wrapper.
+//! A minimal, level-triggered epoll wrapper, a one-shot monotonic timer (`timerfd`) to
+//! wake an epoll loop at a precise time, the calling thread's timer slack, and
+//! `sysconf(_SC_CLK_TCK)`: the only `unsafe` code of the bench tools, each call a thin FFI
+//! wrapper.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 /// Readable.
 pub const IN: u32 = libc::EPOLLIN as u32;
@@ -98,9 +101,117 @@ impl Epoll {
     }
 }
 
+/// A one-shot `CLOCK_MONOTONIC` timer descriptor (non-blocking): readable once it has
+/// expired. Register it with [`Epoll::add`] for [`IN`] to wake a loop at a precise time
+/// (epoll's own timeout counts whole milliseconds).
+#[derive(Debug)]
+pub struct Timer {
+    fd: OwnedFd,
+}
+
+impl Timer {
+    /// Creates a disarmed timer.
+    pub fn new() -> io::Result<Timer> {
+        // SAFETY: timerfd_create takes no pointers; the result is checked.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a freshly created descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Timer { fd })
+    }
+
+    /// Arms the timer to expire once, `after` from now (`None`: disarms it). Either way a
+    /// pending expiry is cleared, so the descriptor is no longer readable until the next.
+    pub fn set(&self, after: Option<Duration>) -> io::Result<()> {
+        let value = match after {
+            // A zero it_value would disarm: expire after 1 ns instead.
+            Some(d) => libc::timespec {
+                tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+                // Below 10^9: fits a c_long everywhere.
+                tv_nsec: d.subsec_nanos().max(u32::from(d.is_zero())) as libc::c_long,
+            },
+            None => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        // SAFETY: `spec` is a valid itimerspec for the call; the old value is not asked for.
+        let rc =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl AsRawFd for Timer {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Sets the calling thread's timer slack (how late the kernel may fire its timers to
+/// batch wake-ups; 50 µs by default) to `slack`, at least 1 ns.
+pub fn set_timer_slack(slack: Duration) -> io::Result<()> {
+    let ns = libc::c_ulong::try_from(slack.as_nanos().max(1)).unwrap_or(libc::c_ulong::MAX);
+    // SAFETY: PR_SET_TIMERSLACK takes an integer argument and no pointers.
+    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns, 0, 0, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `sysconf(_SC_CLK_TCK)`: the unit of `/proc/PID/stat` CPU times.
 pub fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf takes no pointers and has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     u64::try_from(hz).unwrap_or(100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_timer_wakes_epoll_and_rearming_clears_it() {
+        let mut ep = Epoll::new(4).unwrap();
+        let timer = Timer::new().unwrap();
+        ep.add(timer.as_raw_fd(), 7, IN).unwrap();
+        set_timer_slack(Duration::from_micros(1)).unwrap();
+        let mut out = Vec::new();
+        let started = Instant::now();
+        timer.set(Some(Duration::from_millis(3))).unwrap();
+        ep.wait(1000, &mut out).unwrap();
+        let waited = started.elapsed();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].token, 7);
+        assert!(waited >= Duration::from_millis(3), "{waited:?}");
+        assert!(waited < Duration::from_millis(500), "{waited:?}");
+        // Level-triggered: still readable until re-armed or disarmed.
+        ep.wait(0, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        timer.set(None).unwrap();
+        ep.wait(0, &mut out).unwrap();
+        assert!(out.is_empty());
+        timer.set(Some(Duration::ZERO)).unwrap();
+        ep.wait(1000, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+    }
 }

@@ -1,18 +1,23 @@
-//! Support for the benchmark tools `fcgi-load` (a FastCGI load generator) and
+//! Support for the benchmark tools `fcgi-load` (a FastCGI load generator),
 //! `fcgi-const` (a constant-answer FastCGI responder, the ceiling of the
-//! FastCGI path): socket addresses that are either a unix path or `host:port`,
-//! a minimal epoll wrapper, and process CPU time from `/proc`.
+//! FastCGI path), `limit-accuracy` and `fairness` (both run the real daemon):
+//! socket addresses that are either a unix path or `host:port`, a minimal
+//! epoll wrapper and timer, running the daemon in a temporary directory
+//! ([`daemon`]), and CPU time and scheduler waits from `/proc`.
 //!
 //! Linux only. It is measurement tooling, not part of the daemon: no limits,
 //! no timeouts beyond what the tools need, no graceful shutdown.
 
+pub mod daemon;
 pub mod epoll;
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::time::Duration;
 
 /// Where to connect or listen: a unix socket when the address contains a `/`
@@ -173,6 +178,55 @@ pub fn process_cpu_time(pid: &str) -> io::Result<Duration> {
     Ok(Duration::from_nanos(
         ticks.saturating_mul(1_000_000_000) / hz,
     ))
+}
+
+/// Scheduler counters of every thread of a process: thread id → (nanoseconds on a CPU,
+/// nanoseconds runnable but waiting for one), from `/proc/PID/task/*/schedstat`. Empty
+/// when the kernel does not keep them.
+pub fn sched_counters(pid: u32) -> HashMap<u32, (u64, u64)> {
+    let mut out = HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        if let Some(c) = read_schedstat(&task.path().join("schedstat")) {
+            out.insert(tid, c);
+        }
+    }
+    out
+}
+
+/// One `schedstat` file (`/proc/PID/task/TID/schedstat`, `/proc/thread-self/schedstat`):
+/// (nanoseconds on a CPU, nanoseconds runnable but waiting for one).
+pub fn read_schedstat(path: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    Some((fields.next()??, fields.next()??))
+}
+
+/// The machine's CPU time so far, from the first line of `/proc/stat`: (busy, all), both
+/// summed over every CPU; busy is all but `idle` and `iowait`.
+pub fn machine_cpu_time() -> io::Result<(Duration, Duration)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/stat format");
+    let line = stat.lines().next().ok_or_else(bad)?;
+    let mut fields = line.split_whitespace();
+    if fields.next() != Some("cpu") {
+        return Err(bad());
+    }
+    // user nice system idle iowait irq softirq steal (guest times are within user).
+    let ticks: Vec<u64> = fields.take(8).map(|f| f.parse().unwrap_or(0)).collect();
+    if ticks.len() < 5 {
+        return Err(bad());
+    }
+    let all: u64 = ticks.iter().sum();
+    let busy = all - ticks[3] - ticks[4];
+    let hz = epoll::clock_ticks_per_second().max(1);
+    let time = |t: u64| Duration::from_nanos(t.saturating_mul(1_000_000_000) / hz);
+    Ok((time(busy), time(all)))
 }
 
 #[cfg(test)]

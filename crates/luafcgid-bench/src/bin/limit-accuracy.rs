@@ -40,15 +40,18 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
-use fastcgi_protocol::client::{self, decode_reply, Reply};
+use fastcgi_protocol::client::{decode_reply, Reply};
 use fastcgi_protocol::Status;
+use luafcgid_bench::daemon::{
+    build_request, cgi_status, daemon_binary, find, load_average, toml_path, Daemon, TempDir,
+    START_PATIENCE,
+};
 use luafcgid_bench::epoll::{self, Epoll, Ready};
-use luafcgid_bench::{Address, Stream};
+use luafcgid_bench::{read_schedstat, sched_counters, Address, Stream};
 
 /// Measures how late the time limit fires for the corpus' runaway scripts.
 #[derive(Debug, Parser)]
@@ -87,8 +90,6 @@ struct Args {
 const MARKER: &str = "limit-accuracy=";
 /// How long an audit line may lag behind its response.
 const AUDIT_PATIENCE: Duration = Duration::from_secs(3);
-/// How long the daemon may take to accept its first connection.
-const START_PATIENCE: Duration = Duration::from_secs(10);
 /// Background load runs this long before the first corpus request of a pass.
 const LOAD_WARMUP: Duration = Duration::from_millis(500);
 /// Bytes of a response's STDOUT kept: enough for the header block.
@@ -135,18 +136,7 @@ fn run(args: &Args) -> Result<bool, String> {
     if args.repeat == 0 || args.timeout_ms == 0 {
         return Err("--repeat and --timeout-ms must be at least 1".into());
     }
-    let daemon_path = match &args.daemon {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| format!("cannot find this program's path: {e}"))?
-            .with_file_name("luafcgid"),
-    };
-    if !daemon_path.is_file() {
-        return Err(format!(
-            "no daemon binary at {} (build it, or pass --daemon)",
-            daemon_path.display()
-        ));
-    }
+    let daemon_path = daemon_binary(args.daemon.as_deref())?;
     let corpus_arg = args.corpus.clone().unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("..")
@@ -165,19 +155,24 @@ fn run(args: &Args) -> Result<bool, String> {
     }
     let limit = Duration::from_millis(args.timeout_ms);
 
-    let dir = TempDir::create()?;
-    let www = dir.path.join("www");
+    let dir = TempDir::create("limit-accuracy")?;
+    let www = dir.path().join("www");
     std::fs::create_dir(&www).map_err(|e| format!("{}: {e}", www.display()))?;
     let hello = www.join("hello.lua");
     std::fs::write(&hello, "function handler() return \"Hello World\" end\n")
         .map_err(|e| format!("{}: {e}", hello.display()))?;
-    let socket = dir.path.join("luafcgid.sock");
-    let log = dir.path.join("audit.jsonl");
-    let config = dir.path.join("luafcgid.toml");
+    let socket = dir.path().join("luafcgid.sock");
+    let log = dir.path().join("audit.jsonl");
+    let config = dir.path().join("luafcgid.toml");
     std::fs::write(&config, config_text(&socket, &corpus, &www, args)?)
         .map_err(|e| format!("{}: {e}", config.display()))?;
     // Dropped before `dir`: the daemon is killed before its directory goes.
-    let mut daemon = Daemon::start(&daemon_path, &config, &log, &dir.path.join("daemon.stderr"))?;
+    let mut daemon = Daemon::start(
+        &daemon_path,
+        &config,
+        &log,
+        &dir.path().join("daemon.stderr"),
+    )?;
     daemon.wait_ready(&socket)?;
     let mut audit = AuditTail::open(&log)?;
 
@@ -200,7 +195,7 @@ fn run(args: &Args) -> Result<bool, String> {
         "limit-accuracy: daemon {} (pid {}), {} scripts × {} requests, time limit {} ms, \
          bound {} ms, client timeout {} ms",
         daemon_path.display(),
-        daemon.child.id(),
+        daemon.pid(),
         setup.cases.len(),
         setup.repeat,
         setup.limit.as_millis(),
@@ -271,13 +266,7 @@ fn expected_outcome(text: &str) -> Option<&str> {
 
 /// The daemon's config: everything the run depends on is set here, not left to defaults.
 fn config_text(socket: &Path, corpus: &Path, www: &Path, args: &Args) -> Result<String, String> {
-    let quote = |p: &Path| -> Result<String, String> {
-        let s = p
-            .to_str()
-            .ok_or_else(|| format!("{} is not UTF-8", p.display()))?;
-        // A JSON string is a valid TOML basic string.
-        serde_json::to_string(s).map_err(|e| e.to_string())
-    };
+    let quote = toml_path;
     let mut text = String::new();
     let _ = writeln!(text, "listen = [{}]", quote(socket)?);
     let _ = writeln!(text, "docroot = [{}, {}]", quote(corpus)?, quote(www)?);
@@ -293,105 +282,6 @@ fn config_text(socket: &Path, corpus: &Path, www: &Path, args: &Args) -> Result<
     let _ = writeln!(text, "output = \"1MiB\"");
     let _ = writeln!(text, "clones = 1");
     Ok(text)
-}
-
-/// A directory under the system's temporary directory, removed on drop.
-#[derive(Debug)]
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn create() -> Result<TempDir, String> {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path =
-            std::env::temp_dir().join(format!("limit-accuracy-{}-{nanos:09}", std::process::id()));
-        std::fs::create_dir(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(TempDir { path })
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// The daemon child process, killed (by its PID) and reaped on drop.
-#[derive(Debug)]
-struct Daemon {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl Daemon {
-    fn start(binary: &Path, config: &Path, log: &Path, stderr: &Path) -> Result<Daemon, String> {
-        let err_file = File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?;
-        let child = Command::new(binary)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .arg("--log")
-            .arg(log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err_file)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-        Ok(Daemon {
-            child,
-            stderr: stderr.to_path_buf(),
-        })
-    }
-
-    /// Waits until the socket accepts a connection.
-    fn wait_ready(&mut self, socket: &Path) -> Result<(), String> {
-        let started = Instant::now();
-        loop {
-            self.check_alive()?;
-            if UnixStream::connect(socket).is_ok() {
-                return Ok(());
-            }
-            if started.elapsed() > START_PATIENCE {
-                return Err(format!(
-                    "the daemon did not listen on {} within {:?}{}",
-                    socket.display(),
-                    START_PATIENCE,
-                    self.stderr_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `Err` (with the end of its stderr) when the daemon has exited.
-    fn check_alive(&mut self) -> Result<(), String> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("daemon exited: {status}{}", self.stderr_tail())),
-            Err(e) => Err(format!("cannot query the daemon: {e}")),
-        }
-    }
-
-    fn stderr_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(10)..].join("\n  ");
-        if tail.is_empty() {
-            String::new()
-        } else {
-            format!("; its stderr ends:\n  {tail}")
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The fields of a `request` audit line this program reads.
@@ -507,50 +397,6 @@ impl AuditTail {
     }
 }
 
-/// A GET request as nginx would send it.
-fn build_request(script: &Path, docroot: &Path, query: &str, keep_conn: bool) -> Vec<u8> {
-    let script_s = script.to_string_lossy();
-    let rel = script.strip_prefix(docroot).map_or_else(
-        |_| script_s.to_string(),
-        |p| p.to_string_lossy().into_owned(),
-    );
-    let path = format!("/{rel}");
-    let uri = if query.is_empty() {
-        path.clone()
-    } else {
-        format!("{path}?{query}")
-    };
-    let root = docroot.to_string_lossy();
-    let params: [(&str, &str); 17] = [
-        ("SCRIPT_FILENAME", &script_s),
-        ("QUERY_STRING", query),
-        ("REQUEST_METHOD", "GET"),
-        ("CONTENT_TYPE", ""),
-        ("CONTENT_LENGTH", ""),
-        ("SCRIPT_NAME", &path),
-        ("REQUEST_URI", &uri),
-        ("DOCUMENT_URI", &path),
-        ("DOCUMENT_ROOT", &root),
-        ("SERVER_PROTOCOL", "HTTP/1.1"),
-        ("GATEWAY_INTERFACE", "CGI/1.1"),
-        ("REMOTE_ADDR", "127.0.0.1"),
-        ("REMOTE_PORT", "54321"),
-        ("SERVER_ADDR", "127.0.0.1"),
-        ("SERVER_PORT", "80"),
-        ("SERVER_NAME", "localhost"),
-        ("HTTP_HOST", "localhost"),
-    ];
-    let mut out = Vec::new();
-    client::encode_request(
-        1,
-        keep_conn,
-        params.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
-        b"",
-        &mut out,
-    );
-    out
-}
-
 /// How one request ended, client side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Answer {
@@ -643,34 +489,6 @@ fn exchange(
     }
 }
 
-/// The status of a CGI header block: its `Status` line, else 200.
-fn cgi_status(stdout: &[u8]) -> u16 {
-    let end = find(stdout, b"\r\n\r\n")
-        .or_else(|| find(stdout, b"\n\n"))
-        .unwrap_or(stdout.len());
-    for line in stdout[..end].split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            continue;
-        };
-        if line[..colon].eq_ignore_ascii_case(b"status") {
-            return String::from_utf8_lossy(&line[colon + 1..])
-                .split_whitespace()
-                .next()
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-        }
-    }
-    200
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || haystack.len() < needle.len() {
-        return None;
-    }
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 /// Checks that the hello-world script answers before anything is measured.
 fn check_hello(setup: &Setup) -> Result<(), String> {
     let www = setup.hello.parent().unwrap_or(Path::new("/"));
@@ -687,31 +505,6 @@ fn check_hello(setup: &Setup) -> Result<(), String> {
     }
 }
 
-/// Scheduler counters of every thread of a process: thread id → (nanoseconds on a CPU,
-/// nanoseconds runnable but waiting for one), from `/proc/PID/task/*/schedstat`. Empty
-/// when the kernel does not keep them.
-fn sched_counters(pid: u32) -> HashMap<u32, (u64, u64)> {
-    let mut out = HashMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
-            continue;
-        };
-        if let Some(c) = read_schedstat(&task.path().join("schedstat")) {
-            out.insert(tid, c);
-        }
-    }
-    out
-}
-
-fn read_schedstat(path: &Path) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
-    Some((fields.next()??, fields.next()??))
-}
-
 /// How much CPU the daemon's busiest thread during a request got and how long it waited
 /// for one: the thread that ran the script, whose waiting shows in the overrun.
 fn busiest_thread(
@@ -726,14 +519,6 @@ fn busiest_thread(
         })
         .max_by_key(|&(cpu, _)| cpu)
         .map(|(cpu, wait)| (Duration::from_nanos(cpu), Duration::from_nanos(wait)))
-}
-
-/// `/proc/loadavg`'s first three fields, or `?`.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "?".into())
 }
 
 /// One corpus request, measured.
@@ -910,12 +695,12 @@ fn run_pass(
                 let query = format!("{MARKER}{pass_no}.{seq}");
                 let request = build_request(&case.path, &setup.corpus, &query, false);
                 let uri = format!("/{}?{query}", case.name);
-                let daemon_before = sched_counters(daemon.child.id());
+                let daemon_before = sched_counters(daemon.pid());
                 let client_before = read_schedstat(Path::new("/proc/thread-self/schedstat"));
                 let (elapsed, answer) =
                     timed_request(&setup.socket, &request, setup.client_timeout);
                 let client_after = read_schedstat(Path::new("/proc/thread-self/schedstat"));
-                let runner = busiest_thread(&daemon_before, &sched_counters(daemon.child.id()));
+                let runner = busiest_thread(&daemon_before, &sched_counters(daemon.pid()));
                 let client_wait = client_before
                     .zip(client_after)
                     .map(|((_, w0), (_, w1))| Duration::from_nanos(w1.saturating_sub(w0)));
@@ -1419,36 +1204,11 @@ mod tests {
     }
 
     #[test]
-    fn cgi_status_defaults_to_200() {
-        assert_eq!(
-            cgi_status(b"Status: 500 Internal Server Error\r\n\r\nx"),
-            500
-        );
-        assert_eq!(
-            cgi_status(b"Content-Type: text/html\r\n\r\nStatus: 500"),
-            200
-        );
-        assert_eq!(cgi_status(b"status:404\n\n"), 404);
-    }
-
-    #[test]
     fn medians_and_percentiles() {
         assert_eq!(median(&[1.0, 2.0, 9.0]), 2.0);
         assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
         let v: Vec<u64> = (1..=100).map(|i| i * 1_000_000).collect();
         assert_eq!(percentile_ms(&v, 99.0), 99.0);
         assert_eq!(percentile_ms(&v, 100.0), 100.0);
-    }
-
-    #[test]
-    fn requests_carry_the_marker_in_their_uri() {
-        let req = build_request(
-            Path::new("/srv/corpus/loop.lua"),
-            Path::new("/srv/corpus"),
-            "limit-accuracy=1.7",
-            false,
-        );
-        assert!(find(&req, b"/loop.lua?limit-accuracy=1.7").is_some());
-        assert!(find(&req, b"/srv/corpus/loop.lua").is_some());
     }
 }
