@@ -25,6 +25,7 @@ use tokio::time::Instant as TokioInstant;
 
 use crate::dispatch::{dispatch, Framing, Incoming, Reply};
 use crate::probe::SocketProbe;
+use crate::ratelimit::Verdict;
 use crate::resolve::{Refusal, Script};
 use crate::server::Shared;
 
@@ -66,7 +67,7 @@ where
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut out: Vec<u8> = Vec::new();
     let mut in_flight: HashMap<u16, InFlight> = HashMap::new();
-    let mut resolved: HashMap<u16, Result<Arc<Script>, Refusal>> = HashMap::new();
+    let mut resolved: HashMap<u16, (Result<Arc<Script>, Refusal>, Verdict)> = HashMap::new();
     let mut shutdown = shared.shutdown_signal();
     let config = &shared.config;
     let mut progress = Instant::now();
@@ -89,15 +90,39 @@ where
                     let Some(event) = event else { continue };
                     match event {
                         Event::ParamsComplete { id } => {
-                            let answer = shared.resolver.resolve(
-                                decoder.params(id).and_then(|p| p.get(b"SCRIPT_FILENAME")),
-                            );
-                            let limit = match &answer {
-                                Ok(script) => shared.body_limit(script),
-                                Err(_) => 0,
+                            let params = decoder.params(id);
+                            let answer = shared
+                                .resolver
+                                .resolve(params.and_then(|p| p.get(b"SCRIPT_FILENAME")));
+                            let (limit, rate) = match &answer {
+                                Ok(script) => shared.screen(script, params, &peer),
+                                Err(_) => (0, Verdict::Unchecked),
                             };
+                            if let (Verdict::Limited { .. }, Some(params)) = (rate, params) {
+                                // Over a rate limit: answered now, before any of the body
+                                // is read, and the id ends here (the rest of its records
+                                // are ignored, as for any inactive id). The connection
+                                // stays open either way: the client may still be sending.
+                                let inc = Incoming {
+                                    framing: Framing::FastCgi { id },
+                                    keep_conn: true,
+                                    params: params.clone(),
+                                    body: Vec::new(),
+                                    body_len: 0,
+                                    body_exceeded: false,
+                                    peer: peer.clone(),
+                                    abort: Arc::new(AtomicBool::new(false)),
+                                    received: Instant::now(),
+                                    rate,
+                                };
+                                decoder.finish(id);
+                                if let Some(reply) = dispatch(&shared, inc, answer, &tx, None) {
+                                    out.extend_from_slice(&reply.bytes);
+                                }
+                                continue;
+                            }
                             decoder.set_body_limit(id, limit);
-                            resolved.insert(id, answer);
+                            resolved.insert(id, (answer, rate));
                         }
                         Event::Request(req) => {
                             progress = Instant::now();
@@ -109,7 +134,10 @@ where
                                     abort: abort.clone(),
                                 },
                             );
-                            let answer = resolved.remove(&id);
+                            let (answer, rate) = match resolved.remove(&id) {
+                                Some((answer, rate)) => (Some(answer), rate),
+                                None => (None, Verdict::Unchecked),
+                            };
                             let (params, answer) = match req.params {
                                 Ok(p) => {
                                     (p, answer.unwrap_or(Err(Refusal::BadRequest("no params"))))
@@ -130,6 +158,7 @@ where
                                 peer: peer.clone(),
                                 abort,
                                 received: Instant::now(),
+                                rate,
                             };
                             // Run at once on this thread only when the connection has
                             // nothing else pending, so no other request waits behind it.

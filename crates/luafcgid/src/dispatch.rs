@@ -1,7 +1,7 @@
 //! From an assembled request to its reply: the checks that answer before Lua runs
-//! (bad request, not found, forbidden, body too large), admission, and the run itself:
-//! check a state out, run the entry function under the policy's limits, check the state back
-//! in, render, audit.
+//! (bad request, not found, forbidden, rate limited, body too large), admission, and the run
+//! itself: check a state out, run the entry function under the policy's limits, check the
+//! state back in, render, audit.
 //!
 //! Admission takes two permits: one of the script's `clones` and one of the `workers` Lua
 //! slots. When both are free at once the request runs right away on the calling thread (the
@@ -29,6 +29,7 @@ use crate::admission::Full;
 use crate::audit::{timestamp, truncate, PolicyFiles, RequestEvent};
 use crate::outcome::Outcome;
 use crate::probe::SocketProbe;
+use crate::ratelimit::Verdict;
 use crate::render::{error_page, render};
 use crate::resolve::{Refusal, Script};
 use crate::server::Shared;
@@ -70,6 +71,8 @@ pub struct Incoming {
     /// Set when the client went away.
     pub abort: Arc<AtomicBool>,
     pub received: Instant,
+    /// What the rate limits said, when the front end checked them before the body.
+    pub rate: Verdict,
 }
 
 struct Audit<'a> {
@@ -254,6 +257,21 @@ pub fn dispatch(
         }
     };
     let policy = &effective.policy;
+    let rate = match inc.rate {
+        Verdict::Unchecked => shared.rate_check(&script, &effective, Some(&inc.params), &inc.peer),
+        checked => checked,
+    };
+    if let Verdict::Limited { limit, retry_after } = rate {
+        return Some(answer_early(
+            shared,
+            &inc,
+            Some(&script),
+            Some(&effective),
+            Outcome::RateLimited,
+            Some(retry_after),
+            Some(limit.detail()),
+        ));
+    }
     if inc.body_exceeded || inc.body_len > policy.body {
         return Some(answer_early(
             shared,

@@ -187,6 +187,8 @@ async fn serve(
             peer: Arc::from(peer.ip().to_string()),
             abort: abort.clone(),
             received,
+            // Checked by dispatch, after the body (this listener is for development).
+            rate: crate::ratelimit::Verdict::Unchecked,
         };
         let probe = SocketProbe::new(stream.as_raw_fd(), None);
         let inline = buf.is_empty().then_some(&probe as &dyn ClientProbe);

@@ -17,6 +17,7 @@ pub mod http;
 pub mod oneshot;
 pub mod outcome;
 pub mod probe;
+pub mod ratelimit;
 pub mod render;
 pub mod request_id;
 pub mod resolve;

@@ -190,7 +190,6 @@ fn serve(args: ServeArgs) -> ExitCode {
             config.user.is_some() || config.group.is_some(),
             "`user`/`group` (privilege drop)",
         ),
-        (config.rate_global.is_some(), "`rate_global` (rate limits)"),
     ] {
         if set {
             tracing::warn!("{what} is accepted but not enforced by this version");

@@ -73,6 +73,7 @@ pub fn run_one(config: Config, req: &OneRequest) -> Result<OneReply, ServeError>
         peer: Arc::from("127.0.0.1"),
         abort: Arc::new(AtomicBool::new(false)),
         received: Instant::now(),
+        rate: crate::ratelimit::Verdict::Unchecked,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -21,6 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::admission::{TenantSlots, WaitingRoom};
 use crate::audit::{truncate, AuditLog};
 use crate::config::{Config, ListenAddr};
+use crate::ratelimit::{Limiters, Subject, Verdict};
 use crate::render::Defaults;
 use crate::request_id::RequestIds;
 use crate::resolve::{Resolver, Script};
@@ -77,6 +78,8 @@ pub struct Shared {
     pub refused_connections: AtomicU64,
     /// Effective policies per directory (`policy.toml` files under the document roots).
     pub policies: PolicyTree,
+    /// Rate limits (the policies' `[rate]` tables and `rate_global`).
+    pub rates: Limiters,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -103,6 +106,7 @@ impl Shared {
                 content_type: config.default_content_type.clone(),
                 headers: config.headers.clone(),
             },
+            rates: Limiters::new(config.rate_global),
             policies: PolicyTree::new(
                 config.operator_policy(),
                 resolver.roots().map(Path::to_path_buf).collect(),
@@ -132,6 +136,42 @@ impl Shared {
             Resolution::Allowed(e) => e.policy.body,
             _ => 0,
         }
+    }
+
+    /// What is known of a request once its params are complete, before its body: the most
+    /// body it may send, and what the rate limits say (`Unchecked` when it will not run:
+    /// denied, or its policy is invalid).
+    pub fn screen(
+        &self,
+        script: &Script,
+        params: Option<&fastcgi_protocol::Params>,
+        peer: &str,
+    ) -> (u64, Verdict) {
+        match self.policy_for(script) {
+            Resolution::Allowed(e) => (e.policy.body, self.rate_check(script, &e, params, peer)),
+            _ => (0, Verdict::Unchecked),
+        }
+    }
+
+    /// Checks a request against the rate limits of its effective policy and the config,
+    /// spending one unit of each it passes. The client is the `client_key` param, else the
+    /// peer address.
+    pub fn rate_check(
+        &self,
+        script: &Script,
+        effective: &luafcgid_policy::Effective,
+        params: Option<&fastcgi_protocol::Params>,
+        peer: &str,
+    ) -> Verdict {
+        let client = params
+            .and_then(|p| p.get(self.config.client_key.as_bytes()))
+            .unwrap_or(peer.as_bytes());
+        let subject = Subject {
+            client,
+            script: &script.key,
+            tenant: &effective.tenant,
+        };
+        self.rates.check(&effective.policy.rate, &subject)
     }
 
     /// Logs what a policy sweep found: `policy_loaded` for files now in force,
@@ -499,6 +539,8 @@ async fn sweep(shared: Arc<Shared>) {
         })
         .await;
         let (retired, report) = swept.unwrap_or_default();
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || s.rates.sweep()).await;
         shared.log_policy_report(&report);
         for key in retired {
             shared.audit.lifecycle(

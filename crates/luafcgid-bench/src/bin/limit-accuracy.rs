@@ -6,7 +6,8 @@
 //! (10^10, for the init run too) that every runaway script ends on the wall-clock limit,
 //! `timeout_ms` and `init_timeout_ms` from `--timeout-ms`, 64 MiB of memory, 1 MiB of
 //! output, one clone per script, and two document roots: the corpus (`sandbox-tests/`)
-//! and a directory holding a hello-world script. It picks the corpus scripts whose header
+//! and a directory holding a hello-world script in a tenant directory of its own (`load/`).
+//! It picks the corpus scripts whose header
 //! says `-- expect: limit_time` or `-- expect: limit_cpu`, sends each one `--repeat` times,
 //! one request at a time, each on a new connection, and measures the wall time from
 //! connecting to the complete response (`END_REQUEST`). The audit log, a file in the
@@ -158,7 +159,10 @@ fn run(args: &Args) -> Result<bool, String> {
     let dir = TempDir::create("limit-accuracy")?;
     let www = dir.path().join("www");
     std::fs::create_dir(&www).map_err(|e| format!("{}: {e}", www.display()))?;
-    let hello = www.join("hello.lua");
+    // In a directory of its own: another tenant than the corpus scripts (which sit in their
+    // document root, tenant ""), as the load of other tenants' requests is what is measured.
+    let hello = www.join("load/hello.lua");
+    std::fs::create_dir_all(www.join("load")).map_err(|e| format!("{}: {e}", www.display()))?;
     std::fs::write(&hello, "function handler() return \"Hello World\" end\n")
         .map_err(|e| format!("{}: {e}", hello.display()))?;
     let socket = dir.path().join("luafcgid.sock");

@@ -7,5 +7,6 @@ mod fastcgi;
 mod http;
 mod nginx;
 mod policies;
+mod rates;
 mod scripts;
 mod support;
