@@ -134,6 +134,11 @@ pub struct Report {
     /// Peak Lua heap bytes of the state seen during the request (sampled at every hook call
     /// and at the end).
     pub memory: usize,
+    /// Messages of `r:log(msg)`, whatever the result: at most [`MAX_LOG_MESSAGES`], each cut
+    /// to [`MAX_LOG_MESSAGE_BYTES`] bytes (invalid UTF-8 replaced).
+    pub logs: Vec<String>,
+    /// Messages of `r:log(msg)` dropped beyond [`MAX_LOG_MESSAGES`].
+    pub logs_dropped: usize,
 }
 
 /// The response a script produced. Status and Content-Type are `None` when the script left
@@ -149,11 +154,6 @@ pub struct Response {
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Vec<u8>,
-    /// Messages of `r:log(msg)`, at most [`MAX_LOG_MESSAGES`], each cut to
-    /// [`MAX_LOG_MESSAGE_BYTES`] bytes (invalid UTF-8 replaced).
-    pub logs: Vec<String>,
-    /// Messages of `r:log(msg)` dropped beyond [`MAX_LOG_MESSAGES`].
-    pub logs_dropped: usize,
 }
 
 /// Most `r:log` messages kept per request.

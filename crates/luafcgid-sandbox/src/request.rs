@@ -40,6 +40,10 @@ pub(crate) struct Ctx {
     /// during the init run, whose output is discarded.
     pub(crate) active: bool,
     pub(crate) response: Response,
+    /// Messages of `r:log` in this run (see [`crate::Report::logs`]).
+    pub(crate) logs: Vec<String>,
+    /// Messages of `r:log` beyond [`MAX_LOG_MESSAGES`] in this run.
+    pub(crate) logs_dropped: usize,
     /// Bytes of `response.headers` as `name: value\r\n` lines.
     header_bytes: usize,
     /// Output limit of the current run; 0 = none.
@@ -58,6 +62,8 @@ impl Ctx {
             budget,
             active: false,
             response: Response::default(),
+            logs: Vec::new(),
+            logs_dropped: 0,
             header_bytes: 0,
             output_limit: 0,
             input: None,
@@ -75,8 +81,8 @@ impl Ctx {
         self.response.content_type = None;
         self.response.headers.clear();
         self.response.body.clear();
-        self.response.logs.clear();
-        self.response.logs_dropped = 0;
+        self.logs.clear();
+        self.logs_dropped = 0;
     }
 
     /// Ends a run, handing out its response and dropping request-scoped values.
@@ -152,8 +158,8 @@ impl Ctx {
     }
 
     fn log(&mut self, message: &[u8]) {
-        if self.response.logs.len() >= MAX_LOG_MESSAGES {
-            self.response.logs_dropped += 1;
+        if self.logs.len() >= MAX_LOG_MESSAGES {
+            self.logs_dropped += 1;
             return;
         }
         let cut = &message[..message.len().min(MAX_LOG_MESSAGE_BYTES)];
@@ -165,7 +171,7 @@ impl Ctx {
             }
             text.truncate(end);
         }
-        self.response.logs.push(text);
+        self.logs.push(text);
     }
 }
 
@@ -467,18 +473,14 @@ mod tests {
         for _ in 0..MAX_LOG_MESSAGES + 5 {
             ctx.log(&[b'x'; MAX_LOG_MESSAGE_BYTES + 10]);
         }
-        assert_eq!(ctx.response.logs.len(), MAX_LOG_MESSAGES);
-        assert_eq!(ctx.response.logs_dropped, 5);
-        assert!(ctx
-            .response
-            .logs
-            .iter()
-            .all(|m| m.len() == MAX_LOG_MESSAGE_BYTES));
+        assert_eq!(ctx.logs.len(), MAX_LOG_MESSAGES);
+        assert_eq!(ctx.logs_dropped, 5);
+        assert!(ctx.logs.iter().all(|m| m.len() == MAX_LOG_MESSAGE_BYTES));
         let mut ctx = Ctx::new(Arc::new(Budget::new()));
         // A 2-byte character cut in half becomes a replacement character, still within bounds.
         let mut msg = vec![b'a'; MAX_LOG_MESSAGE_BYTES - 1];
         msg.extend_from_slice("é".as_bytes());
         ctx.log(&msg);
-        assert!(ctx.response.logs[0].len() <= MAX_LOG_MESSAGE_BYTES);
+        assert!(ctx.logs[0].len() <= MAX_LOG_MESSAGE_BYTES);
     }
 }

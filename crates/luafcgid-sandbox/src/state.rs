@@ -190,6 +190,8 @@ impl ScriptState {
                 result: Err(Failure::Aborted),
                 instructions: 0,
                 memory: self.lua.used_memory(),
+                logs: Vec::new(),
+                logs_dropped: 0,
             };
         }
         let lua = &self.lua;
@@ -229,12 +231,14 @@ impl ScriptState {
             }
         });
         let result = result.and_then(|value| self.append_result(value));
-        let response = self.end();
+        let (response, logs, logs_dropped) = self.end();
         let result = self.classify(result, limits).map(|()| response);
         Report {
             result,
             instructions: self.budget.instructions(),
             memory: self.budget.peak_memory(),
+            logs,
+            logs_dropped,
         }
     }
 
@@ -257,13 +261,19 @@ impl ScriptState {
         });
     }
 
-    /// Ends a run: drops request-scoped values, records memory and newly loaded modules.
-    fn end(&mut self) -> Response {
+    /// Ends a run: drops request-scoped values, records memory and newly loaded modules;
+    /// gives the response and the `r:log` messages (and how many were dropped).
+    fn end(&mut self) -> (Response, Vec<String>, usize) {
         self.budget.disarm();
         set_probe(&self.lua, None);
         self.budget.note_memory(self.lua.used_memory());
-        let (response, new_files) = with_ctx(&self.lua, |ctx| {
-            Ok((ctx.finish(), std::mem::take(&mut ctx.new_files)))
+        let (response, logs, logs_dropped, new_files) = with_ctx(&self.lua, |ctx| {
+            Ok((
+                ctx.finish(),
+                std::mem::take(&mut ctx.logs),
+                std::mem::take(&mut ctx.logs_dropped),
+                std::mem::take(&mut ctx.new_files),
+            ))
         })
         .unwrap_or_default();
         for file in new_files {
@@ -271,7 +281,7 @@ impl ScriptState {
                 self.files.push(file);
             }
         }
-        response
+        (response, logs, logs_dropped)
     }
 
     /// Turns the outcome of a run into the crate's types: a recorded stop first, then Lua's

@@ -1,34 +1,75 @@
 //! The JSON audit log: one line per request and per lifecycle event, written by one
 //! background thread so a slow disk never stalls a request. Lines are built by the caller
-//! with serde_json (so script text is escaped by the encoder) and queued; when the queue is
-//! full the line is counted as dropped and a `log_dropped` event reports the count later.
+//! with serde_json (so script text is escaped by the encoder) and queued without blocking.
+//! When the queue is full (in lines or bytes), or a write fails (disk full), a line is
+//! counted as dropped and a later `log_dropped` event reports the count. [`AuditLog::reopen`]
+//! makes the writer reopen its file by name between two lines (logrotate's `postrotate`).
+//!
+//! It does not rotate, compress or sync files, and it does not retry lines that failed.
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 
 /// Lines that may wait for the writer.
 pub const AUDIT_QUEUE_LINES: usize = 65_536;
 
+/// Bytes that may wait for the writer (with [`AUDIT_QUEUE_LINES`], whichever is reached
+/// first): 65,536 lines of `r:log` messages at their full length would be 270 MB.
+pub const AUDIT_QUEUE_BYTES: usize = 32 << 20;
+
 /// After writing a batch the writer rests this long, so that under load lines are written
 /// in batches and queueing a line rarely has to wake the writer thread.
-pub const AUDIT_BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+pub const AUDIT_BATCH_PAUSE: Duration = Duration::from_millis(2);
+
+/// The writer hands its batch to the file whenever it reaches this many bytes.
+pub const AUDIT_WRITE_CHUNK: usize = 64 * 1024;
+
+/// While writes keep failing, the writer says so on stderr at most this often.
+pub const AUDIT_FAILURE_REPORT: Duration = Duration::from_secs(10);
+
+/// How long [`AuditLog::close`] waits for the writer to write what is queued (a log on a
+/// pipe nobody reads would otherwise hold the daemon's exit forever).
+pub const AUDIT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest script-controlled text kept in a log field, in bytes.
 pub const AUDIT_TEXT_MAX: usize = 4096;
 
+/// What the writer thread receives.
+#[derive(Debug)]
+enum Message {
+    /// One JSON line, newline included.
+    Line(Vec<u8>),
+    /// Wakes the writer to reopen its file (the request itself is [`Counters::reopen`]).
+    Reopen,
+    /// Write what came before, then stop.
+    Stop,
+}
+
+/// What callers and the writer share.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Lines lost since the start: queue full, or their write failed.
+    dropped: AtomicU64,
+    /// Bytes of the lines in the queue.
+    queued_bytes: AtomicUsize,
+    /// Set by [`AuditLog::reopen`], cleared by the writer when it reopens.
+    reopen: AtomicBool,
+}
+
 /// Where lines go.
 #[derive(Debug)]
 pub struct AuditLog {
-    tx: Mutex<Option<Sender<Vec<u8>>>>,
-    sender: Sender<Vec<u8>>,
-    dropped: Arc<AtomicU64>,
+    sender: Sender<Message>,
+    counters: Arc<Counters>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Disconnected when the writer thread has finished.
+    finished: Receiver<()>,
 }
 
 /// Writes `n` as exactly `width` decimal digits (zero-padded) into `out`.
@@ -139,48 +180,118 @@ pub struct RequestEvent<'a> {
     pub error: Option<&'a str>,
 }
 
-impl AuditLog {
-    /// Opens the log (`None`: stdout) and starts its writer thread.
-    pub fn open(path: Option<&PathBuf>) -> std::io::Result<AuditLog> {
-        let out: Box<dyn Write + Send> = match path {
-            None => Box::new(std::io::stdout()),
+/// Where the writer writes.
+enum Sink {
+    Stdout,
+    Stderr,
+    File { path: PathBuf, file: std::fs::File },
+}
+
+impl Sink {
+    fn open(path: Option<&PathBuf>) -> std::io::Result<Sink> {
+        Ok(match path {
+            None => Sink::Stdout,
             // The daemon's own streams, shared with what else writes to them (not a second,
             // independently positioned open of the same file).
-            Some(p) if p.as_os_str() == "/dev/stdout" => Box::new(std::io::stdout()),
-            Some(p) if p.as_os_str() == "/dev/stderr" => Box::new(std::io::stderr()),
-            Some(p) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)?,
-            ),
-        };
-        let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(AUDIT_QUEUE_LINES);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let d = dropped.clone();
-        let writer = std::thread::Builder::new()
-            .name("audit".into())
-            .spawn(move || write_lines(rx, out, d))?;
-        Ok(AuditLog {
-            sender: tx.clone(),
-            tx: Mutex::new(Some(tx)),
-            dropped,
-            writer: Mutex::new(Some(writer)),
+            Some(p) if p.as_os_str() == "/dev/stdout" => Sink::Stdout,
+            Some(p) if p.as_os_str() == "/dev/stderr" => Sink::Stderr,
+            Some(p) => Sink::File {
+                file: open_append(p)?,
+                path: p.clone(),
+            },
         })
     }
 
-    /// Queues one event.
+    fn name(&self) -> String {
+        match self {
+            Sink::Stdout => "stdout".into(),
+            Sink::Stderr => "stderr".into(),
+            Sink::File { path, .. } => path.display().to_string(),
+        }
+    }
+
+    /// Writes `bytes` whole, or says how many were written before the error.
+    fn write_all(&mut self, bytes: &[u8]) -> Result<(), (usize, std::io::Error)> {
+        let mut done = 0;
+        while done < bytes.len() {
+            let r = match self {
+                Sink::Stdout => std::io::stdout().write(&bytes[done..]),
+                Sink::Stderr => std::io::stderr().write(&bytes[done..]),
+                Sink::File { file, .. } => file.write(&bytes[done..]),
+            };
+            match r {
+                Ok(0) => return Err((done, std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((done, e)),
+            }
+        }
+        let flushed = match self {
+            Sink::Stdout => std::io::stdout().flush(),
+            Sink::Stderr | Sink::File { .. } => Ok(()),
+        };
+        flushed.map_err(|e| (done, e))
+    }
+
+    /// Opens the file again by name (a new file when it was renamed away). Streams stay.
+    fn reopen(&mut self) -> std::io::Result<()> {
+        if let Sink::File { path, file } = self {
+            *file = open_append(path)?;
+        }
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+impl AuditLog {
+    /// Opens the log (`None`: stdout) and starts its writer thread.
+    pub fn open(path: Option<&PathBuf>) -> std::io::Result<AuditLog> {
+        let sink = Sink::open(path)?;
+        let (tx, rx) = crossbeam_channel::bounded::<Message>(AUDIT_QUEUE_LINES);
+        let (finished_tx, finished) = crossbeam_channel::bounded::<()>(1);
+        let counters = Arc::new(Counters::default());
+        let writer = Writer {
+            sink,
+            counters: counters.clone(),
+            batch: Vec::with_capacity(AUDIT_WRITE_CHUNK + 8192),
+            reported: 0,
+            cut: false,
+            failing: None,
+        };
+        let writer = std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || {
+                writer.run(rx);
+                drop(finished_tx);
+            })?;
+        Ok(AuditLog {
+            sender: tx,
+            counters,
+            writer: Mutex::new(Some(writer)),
+            finished,
+        })
+    }
+
+    /// Queues one event; never waits. A line that does not fit in the queue is dropped
+    /// and counted.
     pub fn emit<T: Serialize>(&self, event: &T) {
         let mut line = Vec::with_capacity(512);
         if serde_json::to_writer(&mut line, event).is_err() {
             return;
         }
         line.push(b'\n');
-        match self.sender.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        let len = line.len();
+        let c = &self.counters;
+        let queued = c.queued_bytes.fetch_add(len, Ordering::Relaxed) + len <= AUDIT_QUEUE_BYTES;
+        if !queued || self.sender.try_send(Message::Line(line)).is_err() {
+            c.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            c.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -195,49 +306,205 @@ impl AuditLog {
         self.emit(&serde_json::Value::Object(obj));
     }
 
-    /// Lines dropped because the writer fell behind.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+    /// Asks the writer to reopen the log file by its name after the lines already queued
+    /// (SIGUSR1, after logrotate renamed the file). Never waits; a no-op for stdout/stderr.
+    /// When the file cannot be opened, the writer says so on stderr and keeps the old one.
+    pub fn reopen(&self) {
+        self.counters.reopen.store(true, Ordering::Release);
+        // A full queue means the writer is busy: it looks at the flag after its batch.
+        let _ = self.sender.try_send(Message::Reopen);
     }
 
-    /// Writes everything queued and stops the writer.
+    /// Counts `n` events that were never emitted (a bounded buffer elsewhere overflowed);
+    /// the next `log_dropped` reports them with the lines the log lost.
+    pub fn count_dropped(&self, n: u64) {
+        self.counters.dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Lines lost since the start because the writer fell behind or a write failed.
+    pub fn dropped(&self) -> u64 {
+        self.counters.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Writes everything queued and stops the writer; gives up after
+    /// [`AUDIT_CLOSE_TIMEOUT`] when the writer is stuck (a pipe nobody reads), saying so on
+    /// stderr. Lines emitted afterwards are dropped.
     pub fn close(&self) {
-        drop(self.tx.lock().map(|mut t| t.take()));
-        // The writer ends when every sender is gone; ours is a clone kept for `emit`, so
-        // send an empty line as the stop mark instead.
-        let _ = self.sender.send(Vec::new());
-        if let Some(h) = self.writer.lock().ok().and_then(|mut w| w.take()) {
-            let _ = h.join();
+        let Some(handle) = self.writer.lock().ok().and_then(|mut w| w.take()) else {
+            return;
+        };
+        let deadline = Instant::now() + AUDIT_CLOSE_TIMEOUT;
+        let stopped = self.sender.send_deadline(Message::Stop, deadline).is_ok()
+            && matches!(
+                self.finished.recv_deadline(deadline),
+                Err(RecvTimeoutError::Disconnected)
+            );
+        if stopped {
+            let _ = handle.join();
+        } else {
+            tracing::error!(
+                "the audit log writer did not finish within {:?}; lines still queued are lost",
+                AUDIT_CLOSE_TIMEOUT
+            );
         }
     }
 }
 
-fn write_lines(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>, dropped: Arc<AtomicU64>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    let mut reported = 0u64;
-    while let Ok(line) = rx.recv() {
-        if line.is_empty() {
-            break;
-        }
-        let _ = out.write_all(&line);
-        while let Ok(line) = rx.try_recv() {
-            if line.is_empty() {
-                let _ = out.flush();
-                return;
+/// Writes that keep failing.
+#[derive(Debug)]
+struct Failing {
+    /// When stderr last heard of it.
+    said: Instant,
+    /// Lines lost since the first failure.
+    lost: u64,
+}
+
+/// The writer thread's side.
+struct Writer {
+    sink: Sink,
+    counters: Arc<Counters>,
+    /// Lines received and not written yet.
+    batch: Vec<u8>,
+    /// `counters.dropped` as far as `log_dropped` events have reported it.
+    reported: u64,
+    /// The last failed write stopped inside a line: the next write starts a new one.
+    cut: bool,
+    failing: Option<Failing>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Message>) {
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Line(line) => {
+                        self.counters
+                            .queued_bytes
+                            .fetch_sub(line.len(), Ordering::Relaxed);
+                        self.batch.extend_from_slice(&line);
+                        if self.batch.len() >= AUDIT_WRITE_CHUNK {
+                            self.flush();
+                        }
+                    }
+                    Message::Reopen => self.reopen_if_asked(),
+                    Message::Stop => {
+                        self.flush();
+                        return;
+                    }
+                }
+                next = rx.try_recv().ok();
             }
-            let _ = out.write_all(&line);
+            self.flush();
+            self.reopen_if_asked();
+            std::thread::sleep(AUDIT_BATCH_PAUSE);
         }
-        let now = dropped.load(Ordering::Relaxed);
-        if now > reported {
-            let ev = serde_json::json!({"ts": timestamp(), "event": "log_dropped", "count": now - reported});
-            let _ = serde_json::to_writer(&mut out, &ev);
-            let _ = out.write_all(b"\n");
-            reported = now;
-        }
-        let _ = out.flush();
-        std::thread::sleep(AUDIT_BATCH_PAUSE);
+        self.flush();
     }
-    let _ = out.flush();
+
+    fn reopen_if_asked(&mut self) {
+        if !self.counters.reopen.swap(false, Ordering::Acquire) {
+            return;
+        }
+        // What came before the request goes to the old file.
+        self.flush();
+        match self.sink.reopen() {
+            Ok(()) => tracing::info!("audit log {} reopened", self.sink.name()),
+            Err(e) => tracing::error!(
+                "cannot reopen the audit log {}: {e}; still writing to the file opened before",
+                self.sink.name()
+            ),
+        }
+    }
+
+    /// Writes the batch, preceded by a `log_dropped` event when lines were lost since the
+    /// last one. Lines whose write fails are counted as dropped in turn.
+    fn flush(&mut self) {
+        let dropped = self.counters.dropped.load(Ordering::Relaxed);
+        if self.batch.is_empty() && dropped == self.reported {
+            return;
+        }
+        if dropped > self.reported {
+            let mut line = Vec::with_capacity(160);
+            if self.cut {
+                line.push(b'\n');
+            }
+            let ev = serde_json::json!({
+                "ts": timestamp(),
+                "event": "log_dropped",
+                "count": dropped - self.reported,
+                "request_id": null,
+                "script": null,
+            });
+            let _ = serde_json::to_writer(&mut line, &ev);
+            line.push(b'\n');
+            match self.sink.write_all(&line) {
+                Ok(()) => {
+                    self.reported = dropped;
+                    self.succeeded();
+                }
+                Err((done, e)) => self.failed(&line, done, e, 0),
+            }
+        }
+        if self.batch.is_empty() {
+            return;
+        }
+        if self.cut {
+            self.batch.insert(0, b'\n');
+        }
+        let batch = std::mem::take(&mut self.batch);
+        match self.sink.write_all(&batch) {
+            Ok(()) => self.succeeded(),
+            Err((done, e)) => {
+                let lost = batch[done..].iter().filter(|&&b| b == b'\n').count() as u64;
+                self.counters.dropped.fetch_add(lost, Ordering::Relaxed);
+                self.failed(&batch, done, e, lost);
+            }
+        }
+        self.batch = batch;
+        self.batch.clear();
+    }
+
+    fn succeeded(&mut self) {
+        self.cut = false;
+        if let Some(f) = self.failing.take() {
+            tracing::warn!(
+                "audit log {}: writing again; {} lines were lost (counted by log_dropped)",
+                self.sink.name(),
+                f.lost
+            );
+        }
+    }
+
+    /// A write of `bytes` failed after `done` of them, losing `lost` lines: says so on stderr,
+    /// at once the first time and then at most every [`AUDIT_FAILURE_REPORT`].
+    fn failed(&mut self, bytes: &[u8], done: usize, e: std::io::Error, lost: u64) {
+        if done > 0 {
+            self.cut = bytes[done - 1] != b'\n';
+        }
+        let name = self.sink.name();
+        match &mut self.failing {
+            None => {
+                tracing::error!(
+                    "audit log {name}: {e}; lines are dropped and counted until writing works again"
+                );
+                self.failing = Some(Failing {
+                    said: Instant::now(),
+                    lost,
+                });
+            }
+            Some(f) => {
+                f.lost += lost;
+                if f.said.elapsed() >= AUDIT_FAILURE_REPORT {
+                    tracing::error!(
+                        "audit log {name}: still failing ({e}); {} lines lost",
+                        f.lost
+                    );
+                    f.said = Instant::now();
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -259,6 +526,92 @@ mod tests {
         assert_eq!(&t[4..5], "-");
         assert_eq!(&t[10..11], "T");
         assert_eq!(&t[19..20], ".");
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn reopen_switches_files_between_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let rotated = dir.path().join("audit.jsonl.1");
+        let log = AuditLog::open(Some(&path)).unwrap();
+        log.lifecycle("first", serde_json::json!({}));
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen();
+        let t = Instant::now();
+        while !path.exists() {
+            assert!(t.elapsed() < Duration::from_secs(10), "never reopened");
+            std::thread::yield_now();
+        }
+        log.lifecycle("second", serde_json::json!({}));
+        log.close();
+        let old = lines(&rotated);
+        let new = lines(&path);
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0]["event"], "first");
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0]["event"], "second");
+        assert_eq!(log.dropped(), 0);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success());
+        // A reader that reads nothing: the writer blocks once the pipe is full.
+        let idle = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let log = AuditLog::open(Some(&fifo)).unwrap();
+        let big = "x".repeat(1 << 20);
+        let lines = 2 * AUDIT_QUEUE_BYTES / big.len();
+        for _ in 0..lines {
+            log.lifecycle("big", serde_json::json!({ "text": big }));
+        }
+        // Far fewer lines than AUDIT_QUEUE_LINES, but more bytes than AUDIT_QUEUE_BYTES.
+        let dropped = log.dropped() as usize;
+        assert!(dropped >= lines / 2 - 2, "{dropped} of {lines}");
+        let reader = std::thread::spawn(move || {
+            let mut n = 0;
+            let mut f = std::fs::File::open(fifo).unwrap();
+            let mut buf = vec![0; 1 << 16];
+            while let Ok(k) = std::io::Read::read(&mut f, &mut buf) {
+                if k == 0 {
+                    break;
+                }
+                n += buf[..k].iter().filter(|&&b| b == b'\n').count();
+            }
+            n
+        });
+        log.close();
+        drop(idle);
+        // Every line written, plus the log_dropped line.
+        assert_eq!(reader.join().unwrap(), lines - dropped + 1);
+    }
+
+    #[test]
+    fn lines_of_a_failing_write_are_counted() {
+        let log = AuditLog::open(Some(&PathBuf::from("/dev/full"))).unwrap();
+        for _ in 0..3 {
+            log.lifecycle("x", serde_json::json!({}));
+        }
+        log.close();
+        assert_eq!(log.dropped(), 3);
+        // After close nothing is written; a line is counted, not queued.
+        log.lifecycle("late", serde_json::json!({}));
+        assert_eq!(log.dropped(), 4);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::admission::Full;
-use crate::audit::{timestamp, truncate, PolicyFiles, RequestEvent};
+use crate::audit::{timestamp, truncate, PolicyFiles, RequestEvent, AUDIT_TEXT_MAX};
 use crate::outcome::Outcome;
 use crate::probe::SocketProbe;
 use crate::ratelimit::Verdict;
@@ -89,29 +89,31 @@ struct Audit<'a> {
     error: Option<&'a str>,
 }
 
-fn param_str<'a>(p: &'a Params, name: &str) -> Option<&'a str> {
+/// A param as log text: its first [`AUDIT_TEXT_MAX`] bytes, invalid UTF-8 replaced (a
+/// client cannot keep its URI out of the log by making it invalid UTF-8).
+fn param_text<'a>(p: &'a Params, name: &str) -> Option<std::borrow::Cow<'a, str>> {
     p.get(name.as_bytes())
-        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(|v| String::from_utf8_lossy(&v[..v.len().min(AUDIT_TEXT_MAX)]))
 }
 
 fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
-    let client = param_str(&inc.params, &shared.config.client_key).or(Some(&inc.peer));
+    let client = param_text(&inc.params, &shared.config.client_key);
+    let method = param_text(&inc.params, "REQUEST_METHOD");
+    let uri = param_text(&inc.params, "REQUEST_URI");
     let ev = RequestEvent {
         ts: timestamp(),
         event: "request",
         request_id: a.request_id,
-        client: client.map(truncate),
-        method: param_str(&inc.params, "REQUEST_METHOD").map(truncate),
-        uri: param_str(&inc.params, "REQUEST_URI").map(truncate),
+        client: Some(client.as_deref().map_or(&*inc.peer, truncate)),
+        method: method.as_deref().map(truncate),
+        uri: uri.as_deref().map(truncate),
         script: a.script.map(|s| truncate(&s.relative)),
         tenant: a
             .effective
             .map(|e| e.tenant.as_str())
             .or(a.script.map(|s| s.tenant.as_str()))
             .filter(|t| !t.is_empty()),
-        policy: a
-            .script
-            .map(|_| PolicyFiles(a.effective.map_or(&[], |e| &e.files))),
+        policy: a.effective.map(|e| PolicyFiles(&e.files)),
         status: a.status,
         outcome: a.outcome.as_str(),
         duration_us: inc.received.elapsed().as_micros() as u64,
@@ -389,6 +391,32 @@ pub fn state_options(script: &Script, effective: &Effective) -> StateOptions {
     }
 }
 
+/// The `r:log` messages of a request (whatever its outcome), then how many were over the cap.
+fn log_script_messages(
+    shared: &Shared,
+    request_id: &str,
+    script: &Script,
+    (messages, dropped): (Vec<String>, usize),
+) {
+    let script = truncate(&script.relative);
+    for message in &messages {
+        shared.audit.lifecycle(
+            "script_log",
+            serde_json::json!({
+                "request_id": request_id,
+                "script": script,
+                "message": truncate(message),
+            }),
+        );
+    }
+    if dropped > 0 {
+        shared.audit.lifecycle(
+            "log_dropped",
+            serde_json::json!({"count": dropped, "request_id": request_id, "script": script}),
+        );
+    }
+}
+
 fn run(
     shared: &Shared,
     inc: &Incoming,
@@ -407,6 +435,7 @@ fn run(
     let mut instructions = None;
     let mut memory = None;
     let mut state_kind = None;
+    let mut logs = (Vec::new(), 0);
     let result: Result<luafcgid_sandbox::Response, Failure> = if inc.abort.load(Ordering::Relaxed) {
         Err(Failure::Aborted)
     } else {
@@ -435,9 +464,10 @@ fn run(
                     abort: &inc.abort,
                     client,
                 };
-                let report = lease.state().handle(&input, &limits);
+                let mut report = lease.state().handle(&input, &limits);
                 instructions = Some(report.instructions);
                 memory = Some(report.memory as u64);
+                logs = (std::mem::take(&mut report.logs), report.logs_dropped);
                 let keep = match &report.result {
                     Ok(_) if policy.persistent => Retire::Keep,
                     Err(f) if f.keeps_state() && policy.persistent => Retire::Keep,
@@ -459,19 +489,10 @@ fn run(
             }
         }
     };
+    log_script_messages(shared, &request_id, script, logs);
     let mut cgi = Vec::with_capacity(256);
     let (outcome, status, bytes_out, error) = match &result {
         Ok(resp) => {
-            for msg in &resp.logs {
-                shared.audit.lifecycle(
-                    "script_log",
-                    serde_json::json!({
-                        "request_id": request_id,
-                        "script": script.relative,
-                        "message": truncate(msg),
-                    }),
-                );
-            }
             render(resp, &shared.defaults, &request_id, head, &mut cgi);
             (
                 Outcome::Ok,

@@ -1,5 +1,6 @@
 //! The `luafcgid` binary: parses the command line, validates the configuration before any
-//! socket is bound (exit 64 when it is bad), then runs the server until SIGTERM or SIGINT.
+//! socket is bound (exit 64 when it is bad), then runs the server until SIGTERM or SIGINT;
+//! SIGUSR1 reopens the audit log file.
 
 use std::process::ExitCode;
 
@@ -213,6 +214,8 @@ fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
+        // Before binding: once the sockets exist, SIGUSR1 must not kill the daemon.
+        let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
         let server = Server::bind(config).await?;
         for a in server.local_addrs() {
             tracing::info!("FastCGI on {a}");
@@ -220,9 +223,27 @@ fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
         if let Some(h) = server.http_addr() {
             tracing::info!("HTTP (development) on http://{h}/");
         }
+        tokio::spawn(reopen_log_on_sigusr1(usr1, server.shared()));
         server.run(shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// SIGUSR1 (logrotate's `postrotate`): the audit log file is reopened by name.
+async fn reopen_log_on_sigusr1(
+    usr1: std::io::Result<tokio::signal::unix::Signal>,
+    shared: std::sync::Arc<luafcgid::server::Shared>,
+) {
+    let mut usr1 = match usr1 {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot handle SIGUSR1 ({e}): the audit log cannot be reopened");
+            return;
+        }
+    };
+    while usr1.recv().await.is_some() {
+        shared.audit.reopen();
+    }
 }
 
 async fn shutdown_signal() {

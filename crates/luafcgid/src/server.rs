@@ -194,6 +194,7 @@ impl Shared {
             tracing::warn!("policy rejected: {p}");
             self.log_policy_problem(p);
         }
+        self.audit.count_dropped(report.dropped as u64);
     }
 
     fn log_policy_problem(&self, p: &Problem) {

@@ -152,15 +152,20 @@ fn reset_and_flush() {
 
 #[test]
 fn log() {
-    let response = ok(run_handler(
+    let report = run_handler(
         "r:log('first') r:log(2) for i = 1, 200 do r:log(string.rep('x', 5000)) end",
         Req::default(),
-    ));
-    assert_eq!(response.logs.len(), 100);
-    assert_eq!(response.logs[0], "first");
-    assert_eq!(response.logs[1], "2");
-    assert_eq!(response.logs[2].len(), 4096);
-    assert_eq!(response.logs_dropped, 102);
+    );
+    assert_eq!(report.logs.len(), 100);
+    assert_eq!(report.logs[0], "first");
+    assert_eq!(report.logs[1], "2");
+    assert_eq!(report.logs[2].len(), 4096);
+    assert_eq!(report.logs_dropped, 102);
+    ok(report);
+    // A request that fails keeps what it logged before.
+    let report = run_handler("r:log('before') error('boom')", Req::default());
+    assert_eq!(report.logs, ["before"]);
+    assert!(report.result.is_err());
     handler_error("r:log({})");
 }
 

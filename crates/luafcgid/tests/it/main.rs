@@ -1,6 +1,7 @@
 //! Integration tests: the daemon in-process, spoken to over real sockets.
 
 mod admission;
+mod audit;
 mod cli;
 mod corpus;
 mod fastcgi;
