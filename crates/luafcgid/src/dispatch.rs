@@ -16,14 +16,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fastcgi_protocol::{encode_end_request, encode_response, Params, ProtocolStatus};
 use luafcgid_policy::{Effective, Resolution};
 use luafcgid_pool::{Retire, Version};
 use luafcgid_sandbox::{ClientProbe, Failure, Limits, RequestInput, ScriptState, StateOptions};
 use tokio::sync::mpsc::UnboundedSender;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::admission::Full;
 use crate::audit::{timestamp, truncate, PolicyFiles, RequestEvent, AUDIT_TEXT_MAX};
@@ -288,7 +287,7 @@ pub fn dispatch(
     let admission = shared.pool.admission(&script.key, policy.clones);
     let tenant = shared.tenants.of(&effective.tenant);
     if let Some(probe) = inline {
-        if let Some(own) = acquire_soon(&tenant) {
+        if let Ok(own) = tenant.clone().try_acquire_owned() {
             if let Ok(clone) = admission.clone().try_acquire_owned() {
                 if let Ok(slot) = shared.lua_slots.clone().try_acquire_owned() {
                     let reply = run(shared, &inc, &script, &effective, Some(probe));
@@ -346,30 +345,6 @@ pub fn dispatch(
         let _ = tx.send(reply);
     });
     None
-}
-
-/// How long the inline path waits, spinning, for its tenant's permit before it queues the
-/// request: about the length of a short script's run, much less than what queueing costs.
-const TENANT_SPIN: Duration = Duration::from_micros(20);
-
-/// The tenant's permit now, or within [`TENANT_SPIN`]: a tenant at its cap is usually
-/// running a short request on another thread, which ends in a few microseconds.
-fn acquire_soon(tenant: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
-    if let Ok(p) = tenant.clone().try_acquire_owned() {
-        return Some(p);
-    }
-    let start = Instant::now();
-    loop {
-        for _ in 0..64 {
-            std::hint::spin_loop();
-        }
-        if let Ok(p) = tenant.clone().try_acquire_owned() {
-            return Some(p);
-        }
-        if start.elapsed() > TENANT_SPIN {
-            return None;
-        }
-    }
 }
 
 /// Builds the sandbox options of a script under its effective policy.
