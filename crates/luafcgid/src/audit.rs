@@ -184,7 +184,25 @@ pub struct RequestEvent<'a> {
 enum Sink {
     Stdout,
     Stderr,
-    File { path: PathBuf, file: std::fs::File },
+    File {
+        path: PathBuf,
+        file: std::fs::File,
+    },
+    /// `unix:/path`: one datagram per line (without its newline) to a unix datagram socket,
+    /// as a local collector (vector, fluent-bit, a syslog daemon's JSON input) listens.
+    Datagram {
+        path: PathBuf,
+        socket: std::os::unix::net::UnixDatagram,
+    },
+}
+
+/// The prefix of a `log` value naming a unix datagram socket.
+pub const DATAGRAM_PREFIX: &str = "unix:";
+
+fn connect_datagram(path: &Path) -> std::io::Result<std::os::unix::net::UnixDatagram> {
+    let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    socket.connect(path)?;
+    Ok(socket)
 }
 
 impl Sink {
@@ -195,6 +213,13 @@ impl Sink {
             // independently positioned open of the same file).
             Some(p) if p.as_os_str() == "/dev/stdout" => Sink::Stdout,
             Some(p) if p.as_os_str() == "/dev/stderr" => Sink::Stderr,
+            Some(p) if p.to_string_lossy().starts_with(DATAGRAM_PREFIX) => {
+                let path = PathBuf::from(&p.to_string_lossy()[DATAGRAM_PREFIX.len()..]);
+                Sink::Datagram {
+                    socket: connect_datagram(&path)?,
+                    path,
+                }
+            }
             Some(p) => Sink::File {
                 file: open_append(p)?,
                 path: p.clone(),
@@ -207,39 +232,82 @@ impl Sink {
             Sink::Stdout => "stdout".into(),
             Sink::Stderr => "stderr".into(),
             Sink::File { path, .. } => path.display().to_string(),
+            Sink::Datagram { path, .. } => format!("{DATAGRAM_PREFIX}{}", path.display()),
         }
     }
 
     /// Writes `bytes` whole, or says how many were written before the error.
     fn write_all(&mut self, bytes: &[u8]) -> Result<(), (usize, std::io::Error)> {
+        let (mut stdout, mut stderr);
+        let out: &mut dyn Write = match self {
+            Sink::Stdout => {
+                stdout = std::io::stdout();
+                &mut stdout
+            }
+            Sink::Stderr => {
+                stderr = std::io::stderr();
+                &mut stderr
+            }
+            Sink::File { file, .. } => file,
+            Sink::Datagram { path, socket } => return send_lines(path, socket, bytes),
+        };
         let mut done = 0;
         while done < bytes.len() {
-            let r = match self {
-                Sink::Stdout => std::io::stdout().write(&bytes[done..]),
-                Sink::Stderr => std::io::stderr().write(&bytes[done..]),
-                Sink::File { file, .. } => file.write(&bytes[done..]),
-            };
-            match r {
+            match out.write(&bytes[done..]) {
                 Ok(0) => return Err((done, std::io::ErrorKind::WriteZero.into())),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err((done, e)),
             }
         }
-        let flushed = match self {
-            Sink::Stdout => std::io::stdout().flush(),
-            Sink::Stderr | Sink::File { .. } => Ok(()),
-        };
-        flushed.map_err(|e| (done, e))
+        out.flush().map_err(|e| (done, e))
     }
 
-    /// Opens the file again by name (a new file when it was renamed away). Streams stay.
+    /// Opens the file again by name (a new file when it was renamed away), or connects to
+    /// the socket again. Streams stay.
     fn reopen(&mut self) -> std::io::Result<()> {
-        if let Sink::File { path, file } = self {
-            *file = open_append(path)?;
+        match self {
+            Sink::File { path, file } => *file = open_append(path)?,
+            Sink::Datagram { path, socket } => *socket = connect_datagram(path)?,
+            Sink::Stdout | Sink::Stderr => {}
         }
         Ok(())
     }
+}
+
+/// Sends each line of `bytes` as one datagram. A collector that restarted (its socket is
+/// new) is connected to again once; on failure, says how many bytes of whole lines went.
+fn send_lines(
+    path: &Path,
+    socket: &mut std::os::unix::net::UnixDatagram,
+    bytes: &[u8],
+) -> Result<(), (usize, std::io::Error)> {
+    let mut done = 0;
+    for line in bytes.split_inclusive(|&b| b == b'\n') {
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        let sent = loop {
+            match socket.send(text) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => break r,
+            }
+        };
+        if let Err(e) = sent {
+            let gone = matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotConnected
+            );
+            let again = gone
+                && connect_datagram(path)
+                    .map(|s| *socket = s)
+                    .and_then(|()| socket.send(text))
+                    .is_ok();
+            if !again {
+                return Err((done, e));
+            }
+        }
+        done += line.len();
+    }
+    Ok(())
 }
 
 fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
@@ -250,9 +318,13 @@ fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 impl AuditLog {
-    /// Opens the log (`None`: stdout) and starts its writer thread.
+    /// Opens the log (`None`: stdout; `unix:PATH`: a unix datagram socket) and starts its
+    /// writer thread. The error names the log.
     pub fn open(path: Option<&PathBuf>) -> std::io::Result<AuditLog> {
-        let sink = Sink::open(path)?;
+        let sink = Sink::open(path).map_err(|e| {
+            let name = path.map_or("stdout".into(), |p| p.display().to_string());
+            std::io::Error::new(e.kind(), format!("audit log {name}: {e}"))
+        })?;
         let (tx, rx) = crossbeam_channel::bounded::<Message>(AUDIT_QUEUE_LINES);
         let (finished_tx, finished) = crossbeam_channel::bounded::<()>(1);
         let counters = Arc::new(Counters::default());

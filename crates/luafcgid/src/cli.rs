@@ -158,7 +158,8 @@ pub struct ServeArgs {
     /// How stale a changed script may be, in milliseconds.
     #[arg(long = "sweep-ms", value_name = "N")]
     pub sweep_ms: Option<u64>,
-    /// Audit log file (JSON lines; default stdout).
+    /// Audit log file (JSON lines; default stdout), or `unix:PATH`: one datagram per line to
+    /// a unix datagram socket.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
     /// Metrics listener (host:port).

@@ -54,7 +54,7 @@ pub enum ServeError {
     SocketInUse { addr: String },
     #[error("{addr}: exists and is not a socket")]
     NotASocket { addr: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

@@ -587,10 +587,12 @@ fn every_outcome_writes_one_line_with_the_documented_fields() {
     assert!(logs
         .iter()
         .any(|l| l["message"] == "hello from ok" && l["script"] == "acme/ok.lua"));
-    // A failed request keeps what it logged before failing.
-    assert!(logs
-        .iter()
-        .any(|l| l["message"] == "before the error" && l["request_id"] == err["request_id"]));
+    // A failed request keeps what it logged before failing, ahead of its request line.
+    let at = |f: &dyn Fn(&Value) -> bool| lines.iter().position(f).unwrap();
+    let logged =
+        at(&|l| l["message"] == "before the error" && l["request_id"] == err["request_id"]);
+    let answered = at(&|l| l["event"] == "request" && l["request_id"] == err["request_id"]);
+    assert!(logged < answered);
     let chatty = line("acme/chatty.lua");
     assert_eq!(by_ok(chatty["request_id"].as_str().unwrap()), 100);
     let dropped = of_kind(&lines, "log_dropped");
@@ -868,6 +870,31 @@ fn sigusr1_reopens_the_log_file_between_two_lines() {
 }
 
 #[test]
+fn a_log_that_cannot_be_opened_stops_the_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for log in [
+        "/nonexistent/luafcgid/audit.jsonl",
+        "unix:/nonexistent/luafcgid.sock",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_luafcgid"))
+            .args(["serve", "--docroot"])
+            .arg(dir.path())
+            .arg("--listen")
+            .arg(dir.path().join("s.sock"))
+            .args(["--log", log])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.matches(&format!("audit log {log}:")).count(),
+            1,
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn a_full_disk_is_reported_and_requests_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let p = Process::start(dir.path(), Path::new("/dev/full"));
@@ -975,4 +1002,58 @@ fn a_blocked_writer_drops_and_counts_lines_without_blocking_requests() {
         emitted,
         "written {written}, lost {lost}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// A unix datagram socket as the log.
+
+/// Receives datagrams until one is a line of `kind`; all of them, each checked.
+fn receive_until(schema: &Schema, s: &std::os::unix::net::UnixDatagram, kind: &str) -> Vec<Value> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = s.recv(&mut buf).expect("a datagram within the timeout");
+        let text = std::str::from_utf8(&buf[..n]).unwrap();
+        assert!(!text.contains('\n'), "one line per datagram: {text}");
+        let line = check_line(schema, text);
+        let done = line["event"] == kind;
+        got.push(line);
+        if done {
+            return got;
+        }
+    }
+}
+
+#[test]
+fn lines_go_to_a_unix_datagram_socket_one_per_datagram() {
+    let schema = schema();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("collector.sock");
+    let bind = || {
+        let s = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let first = bind();
+    let target = format!("unix:{}", path.display());
+    let mut d = Daemon::start_with("", &[("hello.lua", HELLO)], |o| {
+        o.log = Some(PathBuf::from(target))
+    });
+    let one = id_of(&d.get("hello.lua"));
+    let lines = receive_until(&schema, &first, "request");
+    assert_eq!(lines[0]["event"], "start");
+    assert_eq!(lines.last().unwrap()["request_id"], one.as_str());
+    // The collector restarts: a new socket at the same path.
+    drop(first);
+    std::fs::remove_file(&path).unwrap();
+    let second = bind();
+    let two = id_of(&d.get("hello.lua"));
+    let _ = d.stop();
+    let lines = receive_until(&schema, &second, "stop");
+    let ids: Vec<&Value> = of_kind(&lines, "request")
+        .iter()
+        .map(|l| &l["request_id"])
+        .collect();
+    assert_eq!(ids, [two.as_str()]);
+    assert!(of_kind(&lines, "log_dropped").is_empty(), "{lines:?}");
 }
