@@ -121,10 +121,15 @@ impl Daemon {
         self.path(rel).display().to_string()
     }
 
+    /// Replaces a file under the root atomically (a temporary file renamed over it), so the
+    /// daemon's sweeper never reads it half written.
     pub fn write(&self, rel: &str, text: &str) {
         let p = self.path(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
+        let dir = p.parent().unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let tmp = dir.join(".luafcgid-test-write");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, p).unwrap();
     }
 
     pub fn client(&self) -> Client {
