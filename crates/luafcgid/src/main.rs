@@ -214,8 +214,10 @@ fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
-        // Before binding: once the sockets exist, SIGUSR1 must not kill the daemon.
+        // Before binding: once the sockets exist, no signal the daemon handles may take its
+        // default action (SIGTERM right after start must drain and remove the sockets).
         let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
+        let shutdown = shutdown_signal();
         let server = Server::bind(config).await?;
         for a in server.local_addrs() {
             tracing::info!("FastCGI on {a}");
@@ -224,7 +226,7 @@ fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
             tracing::info!("HTTP (development) on http://{h}/");
         }
         tokio::spawn(reopen_log_on_sigusr1(usr1, server.shared()));
-        server.run(shutdown_signal()).await?;
+        server.run(shutdown).await?;
         Ok(())
     })
 }
@@ -246,17 +248,22 @@ async fn reopen_log_on_sigusr1(
     }
 }
 
-async fn shutdown_signal() {
+/// Registers the SIGTERM and SIGINT handlers now (not when first polled) and returns the
+/// future that completes when either arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
