@@ -26,6 +26,12 @@ use mlua::{Function, Lua, VmState};
 use crate::vm::{thread_slot, Slot, VmBudget};
 use crate::{LimitKind, Limits, BUDGET_PERIOD};
 
+/// A run longer than this gives up CPU priority (its thread's nice value is raised until
+/// the run ends, where the process may lower it again): short requests on other threads
+/// then win the CPU when they wake up, so one tenant's long runs cannot slow down everyone
+/// else's short ones.
+pub(crate) const LONG_RUN: Duration = Duration::from_millis(10);
+
 /// How often, at most, the hook asks whether the request was aborted.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(1);
 
@@ -96,6 +102,11 @@ pub(crate) struct Budget {
     granted: AtomicI64,
     /// The state's side of the VM budget, set once the state exists.
     vm: OnceLock<VmBudget>,
+    /// When the current run started, in nanoseconds since `epoch`.
+    started: AtomicU64,
+    /// The nice value to give the thread back at the end of the run, plus 100 (0: the
+    /// thread's priority was not lowered; nice values lie in -20..=19).
+    lowered: AtomicI64,
     /// Instruction budget; `u64::MAX` = none.
     instructions: AtomicU64,
     /// Deadline in nanoseconds since `epoch`; `u64::MAX` = none.
@@ -118,6 +129,8 @@ impl Budget {
             slot: AtomicPtr::new(std::ptr::null_mut()),
             granted: AtomicI64::new(0),
             vm: OnceLock::new(),
+            started: AtomicU64::new(0),
+            lowered: AtomicI64::new(0),
             instructions: AtomicU64::new(u64::MAX),
             deadline: AtomicU64::new(u64::MAX),
             next_probe: AtomicU64::new(0),
@@ -151,6 +164,7 @@ impl Budget {
             .store(now + PROBE_INTERVAL.as_nanos() as u64, Relaxed);
         self.tripped.store(0, Relaxed);
         self.peak.store(memory_now, Relaxed);
+        self.started.store(now, Relaxed);
         if let Some(vm) = self.vm.get() {
             let slot = thread_slot();
             let grant = self.next_grant(0);
@@ -164,6 +178,10 @@ impl Budget {
 
     /// Ends a run: counts the rest of the grant and detaches the VM.
     pub(crate) fn disarm(&self) {
+        let lowered = self.lowered.swap(0, Relaxed);
+        if lowered != 0 {
+            crate::vm::restore_thread_priority((lowered - 100) as i32);
+        }
         if let (Some(vm), Some(slot)) = (self.vm.get(), self.current_slot()) {
             self.settle(slot);
             vm.detach(slot);
@@ -268,6 +286,13 @@ impl Budget {
         let now = self.count(0)?;
         self.note_memory(lua.used_memory());
         self.probe(lua, now)?;
+        if self.lowered.load(Relaxed) == 0
+            && now.saturating_sub(self.started.load(Relaxed)) > LONG_RUN.as_nanos() as u64
+        {
+            if let Some(nice) = crate::vm::lower_thread_priority() {
+                self.lowered.store(i64::from(nice) + 100, Relaxed);
+            }
+        }
         let grant = self.next_grant(self.counted.load(Relaxed));
         self.granted.store(grant, Relaxed);
         slot.grant(grant);

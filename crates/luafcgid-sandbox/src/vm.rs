@@ -257,3 +257,65 @@ fn watch() {
         }
     }
 }
+
+/// How much a thread's nice value is raised while it runs a long request.
+const LONG_RUN_NICE: libc::c_int = 10;
+
+/// Whether this process can lower a thread's nice value again after raising it (root, or
+/// an `RLIMIT_NICE` that allows it), found once on a throwaway thread. Without it, a long
+/// run keeps its priority: raising it for good would slow every later request of that
+/// thread.
+fn can_restore_priority() -> bool {
+    static CAN: OnceLock<bool> = OnceLock::new();
+    *CAN.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("luafcgid-nice-probe".into())
+            .spawn(|| {
+                let tid = current_tid();
+                let Some(nice) = thread_nice(tid) else {
+                    return false;
+                };
+                set_thread_nice(tid, (nice + 1).min(19)) && set_thread_nice(tid, nice)
+            })
+            .ok()
+            .and_then(|h| h.join().ok())
+            .unwrap_or(false)
+    })
+}
+
+fn current_tid() -> libc::id_t {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
+}
+
+fn thread_nice(tid: libc::id_t) -> Option<libc::c_int> {
+    // getpriority may return -1 as a value: clear errno first and check it after.
+    // SAFETY: errno is thread-local; getpriority only reads.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+        (*libc::__errno_location() == 0).then_some(nice)
+    }
+}
+
+fn set_thread_nice(tid: libc::id_t, nice: libc::c_int) -> bool {
+    // SAFETY: changes the scheduling priority of one of this process's threads.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0 }
+}
+
+/// Lowers the calling thread's CPU priority while it runs a long request, so the short
+/// requests of other threads (other tenants, the front end) get the CPU first when they
+/// wake up. Returns the nice value to restore, or `None` when nothing was changed.
+pub(crate) fn lower_thread_priority() -> Option<i32> {
+    if !can_restore_priority() {
+        return None;
+    }
+    let tid = current_tid();
+    let nice = thread_nice(tid)?;
+    set_thread_nice(tid, (nice + LONG_RUN_NICE).min(19)).then_some(nice)
+}
+
+/// Gives the calling thread back the nice value `lower_thread_priority` returned.
+pub(crate) fn restore_thread_priority(nice: i32) {
+    let _ = set_thread_nice(current_tid(), nice);
+}

@@ -336,3 +336,68 @@ fn long_string_rep_is_exact_bounded_and_interruptible() {
     expect_limit(report, LimitKind::Time);
     assert!(elapsed < Duration::from_millis(300), "{elapsed:?}");
 }
+
+/// The nice value of thread `tid` of this process, from /proc.
+fn nice_of(tid: i64) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    // Fields after the command (which ends with ')'): state is field 3; nice is field 19.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_long_run_gives_up_cpu_priority_until_it_ends() {
+    // Only where the process may raise a thread's priority again (root, or RLIMIT_NICE):
+    // otherwise the daemon leaves priorities alone, and so does this test's check.
+    let probe = std::thread::spawn(|| {
+        // SAFETY: changes this thread's own priority and puts it back.
+        #[allow(unsafe_code)]
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            let before = libc::getpriority(libc::PRIO_PROCESS, tid);
+            libc::setpriority(libc::PRIO_PROCESS, tid, (before + 1).min(19)) == 0
+                && libc::setpriority(libc::PRIO_PROCESS, tid, before) == 0
+        }
+    })
+    .join()
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        let tid = std::fs::read_link("/proc/thread-self").unwrap();
+        let tid: i64 = tid.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let before = nice_of(tid);
+        tx.send(tid).unwrap();
+        let mut s = load("function handler() local t = os.clock() while os.clock() - t < 0.3 do end return 'done' end");
+        let limits = Limits {
+            instructions: 0,
+            timeout: Duration::from_secs(5),
+            output: 0,
+        };
+        let report = Req::default().run(&mut s.state, &limits);
+        assert_eq!(body(report), "done");
+        (before, nice_of(tid))
+    });
+    let tid = rx.recv().unwrap();
+    // While the run lasts, its thread's nice value rises (checked until the run ends).
+    let mut highest = nice_of(tid);
+    while !runner.is_finished() {
+        highest = highest.max(nice_of(tid));
+        std::thread::yield_now();
+    }
+    let (before, after) = runner.join().unwrap();
+    assert_eq!(
+        after, before,
+        "the priority is given back at the end of the run"
+    );
+    if probe {
+        assert!(
+            highest >= before + 5,
+            "nice {before} -> at most {highest} during the run"
+        );
+    } else {
+        assert_eq!(
+            highest, before,
+            "nothing changes where it could not be undone"
+        );
+    }
+}
