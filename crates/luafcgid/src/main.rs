@@ -218,7 +218,8 @@ fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
         // default action (SIGTERM right after start must drain and remove the sockets).
         let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
         let shutdown = shutdown_signal();
-        let server = Server::bind(config).await?;
+        let limits = luafcgid::server::process_limits();
+        let server = Server::bind(config).await?.with_process_limits(limits);
         for a in server.local_addrs() {
             tracing::info!("FastCGI on {a}");
         }

@@ -58,6 +58,37 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// The process limits set at start (`process_limits`), for the `start` event.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ProcessLimits {
+    /// Open files: the soft limit after raising it to the hard one.
+    pub nofile: Option<u64>,
+    /// Core dump size: 0 when disabled (they would hold tenants' data).
+    pub core: Option<u64>,
+}
+
+/// At start: raises the open-file limit to its hard limit and disables core dumps. What
+/// could not be set is reported on stderr and left as it was.
+pub fn process_limits() -> ProcessLimits {
+    let nofile = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!("cannot raise the open-file limit: {e}");
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .ok()
+                .map(|l| l.0)
+        }
+    };
+    let core = match rlimit::setrlimit(rlimit::Resource::CORE, 0, 0) {
+        Ok(()) => Some(0),
+        Err(e) => {
+            tracing::warn!("cannot disable core dumps: {e}");
+            rlimit::getrlimit(rlimit::Resource::CORE).ok().map(|l| l.0)
+        }
+    };
+    ProcessLimits { nofile, core }
+}
+
 /// What every connection and worker shares.
 #[derive(Debug)]
 pub struct Shared {
@@ -239,6 +270,7 @@ pub struct Server {
     listeners: Vec<Bound>,
     http: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
+    limits: Option<ProcessLimits>,
 }
 
 impl std::fmt::Debug for Server {
@@ -319,7 +351,14 @@ impl Server {
             listeners,
             http,
             shutdown_tx,
+            limits: None,
         })
+    }
+
+    /// The process limits the binary set at start, reported in the `start` event.
+    pub fn with_process_limits(mut self, limits: ProcessLimits) -> Server {
+        self.limits = Some(limits);
+        self
     }
 
     /// The addresses actually bound (ports resolved).
@@ -352,6 +391,7 @@ impl Server {
             listeners,
             http,
             shutdown_tx,
+            limits,
         } = self;
         let connections = Arc::new(Semaphore::new(shared.config.max_connections));
         let mut accept_tasks = Vec::new();
@@ -363,6 +403,8 @@ impl Server {
                 "listen": shared.config.listen.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
                 "workers": shared.config.workers,
                 "states": shared.config.states,
+                "nofile": limits.and_then(|l| l.nofile),
+                "core": limits.and_then(|l| l.core),
             }),
         );
         for l in listeners {

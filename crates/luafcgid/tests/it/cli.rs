@@ -318,3 +318,67 @@ fn policy_check_explain_and_serve_check() {
     let out = luafcgid().args(["policy", "explain"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[test]
+fn process_limits_are_set_at_start() {
+    // Core dumps off (they would hold tenants' data), open files raised to the hard limit,
+    // both reported in the `start` event.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("limits.sock");
+    let log = dir.path().join("audit.jsonl");
+    let mut child = luafcgid()
+        .args(["serve", "--docroot"])
+        .arg(dir.path())
+        .arg("--listen")
+        .arg(&sock)
+        .arg("--log")
+        .arg(&log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the daemon never created its socket");
+        }
+        std::thread::yield_now();
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let row = |name: &str| -> Vec<String> {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let core = row("Max core file size");
+    let nofile = row("Max open files");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::yield_now();
+    }
+    let _ = child.wait();
+    assert_eq!((core[0].as_str(), core[1].as_str()), ("0", "0"), "{core:?}");
+    assert_eq!(
+        nofile[0], nofile[1],
+        "soft open-file limit raised to the hard one"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let start_event: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["event"] == "start")
+        .unwrap();
+    assert_eq!(start_event["core"], 0);
+    assert_eq!(start_event["nofile"].to_string(), nofile[0]);
+}
