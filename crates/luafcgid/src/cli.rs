@@ -43,15 +43,22 @@ pub enum PolicyCommand {
     Explain(PolicyExplainArgs),
 }
 
-/// Flags of `luafcgid policy check`.
+/// Where the tools that do not serve find the config and the scripts.
 #[derive(Debug, Args)]
-pub struct PolicyCheckArgs {
-    /// Daemon config file (TOML): its `[defaults]` and `[ceiling]` start every chain.
+pub struct Roots {
+    /// Daemon config file (TOML): its `[defaults]` and `[ceiling]` start every policy chain.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Document root. Repeatable.
     #[arg(long, value_name = "DIR")]
     pub docroot: Vec<PathBuf>,
+}
+
+/// Flags of `luafcgid policy check`.
+#[derive(Debug, Args)]
+pub struct PolicyCheckArgs {
+    #[command(flatten)]
+    pub roots: Roots,
     /// Check only this directory (and what binds it from above).
     #[arg(value_name = "DIR")]
     pub dir: Option<PathBuf>,
@@ -60,12 +67,8 @@ pub struct PolicyCheckArgs {
 /// Flags of `luafcgid policy explain`.
 #[derive(Debug, Args)]
 pub struct PolicyExplainArgs {
-    /// Daemon config file (TOML).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Document root. Repeatable.
-    #[arg(long, value_name = "DIR")]
-    pub docroot: Vec<PathBuf>,
+    #[command(flatten)]
+    pub roots: Roots,
     /// The script.
     #[arg(value_name = "SCRIPT")]
     pub script: PathBuf,
@@ -74,12 +77,8 @@ pub struct PolicyExplainArgs {
 /// Flags of `luafcgid run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Daemon config file (TOML).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Document root; the script must lie inside one. Repeatable.
-    #[arg(long, value_name = "DIR")]
-    pub docroot: Vec<PathBuf>,
+    #[command(flatten)]
+    pub roots: Roots,
     /// The script file.
     #[arg(value_name = "SCRIPT")]
     pub script: PathBuf,
@@ -104,7 +103,7 @@ impl RunArgs {
     /// The flags as config overrides.
     pub fn overrides(&self) -> Overrides {
         Overrides {
-            docroot: self.docroot.clone(),
+            docroot: self.roots.docroot.clone(),
             log: Some(
                 self.log
                     .clone()

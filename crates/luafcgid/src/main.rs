@@ -7,12 +7,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use luafcgid::cli::{
-    Cli, Command, PolicyCheckArgs, PolicyCommand, PolicyExplainArgs, RunArgs, ServeArgs, EXIT_USAGE,
+    Cli, Command, PolicyCheckArgs, PolicyCommand, PolicyExplainArgs, Roots, RunArgs, ServeArgs,
+    EXIT_USAGE,
 };
 use luafcgid::config::Overrides;
 use luafcgid::config::RawConfig;
 use luafcgid::server::Server;
 use luafcgid_policy::{PolicyTree, Problem};
+use std::path::PathBuf;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -57,25 +59,36 @@ fn policy_problems(tree: &PolicyTree, dir: Option<&std::path::Path>) -> Vec<Prob
     }
 }
 
-fn policy_check(args: PolicyCheckArgs) -> ExitCode {
-    // Without any document root, the directory checked is the root.
-    let mut docroot = args.docroot.clone();
-    if docroot.is_empty() && args.config.is_none() {
-        docroot.extend(args.dir.clone());
+/// The policy tree the tools work on: the config of `roots`, its document roots or the
+/// `--docroot` flags, else `fallback_root`.
+fn roots_tree(roots: &Roots, fallback_root: Option<&PathBuf>) -> Result<PolicyTree, ExitCode> {
+    let mut docroot = roots.docroot.clone();
+    if docroot.is_empty() && roots.config.is_none() {
+        docroot.extend(fallback_root.cloned());
     }
     let overrides = Overrides {
         docroot,
         ..Overrides::default()
     };
-    let (config, _) = match load_config(args.config.as_ref(), &overrides) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let tree = policy_tree(&config);
-    let problems = policy_problems(&tree, args.dir.as_deref());
-    for p in &problems {
+    let (config, _) = load_config(roots.config.as_ref(), &overrides)?;
+    Ok(policy_tree(&config))
+}
+
+/// Prints each problem as `file:line: message`.
+fn print_problems(problems: &[Problem]) {
+    for p in problems {
         println!("{p}");
     }
+}
+
+fn policy_check(args: PolicyCheckArgs) -> ExitCode {
+    // Without any document root, the directory checked is the root.
+    let tree = match roots_tree(&args.roots, args.dir.as_ref()) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let problems = policy_problems(&tree, args.dir.as_deref());
+    print_problems(&problems);
     if problems.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -85,22 +98,19 @@ fn policy_check(args: PolicyCheckArgs) -> ExitCode {
 }
 
 fn policy_explain(args: PolicyExplainArgs) -> ExitCode {
-    let overrides = Overrides {
-        docroot: args.docroot.clone(),
-        ..Overrides::default()
-    };
-    let (config, _) = match load_config(args.config.as_ref(), &overrides) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    print!("{}", policy_tree(&config).explain(&args.script));
-    ExitCode::SUCCESS
+    match roots_tree(&args.roots, None) {
+        Ok(tree) => {
+            print!("{}", tree.explain(&args.script));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
 }
 
 /// Reads and validates the config file (if any) with `overrides`; prints the problem and
 /// gives the exit code on failure.
 fn load_config(
-    file: Option<&std::path::PathBuf>,
+    file: Option<&PathBuf>,
     overrides: &luafcgid::config::Overrides,
 ) -> Result<(luafcgid::config::Config, String), ExitCode> {
     let (raw, origin) = match file {
@@ -138,7 +148,7 @@ fn run_script(args: RunArgs) -> ExitCode {
         },
         None => Vec::new(),
     };
-    let (config, _) = match load_config(args.config.as_ref(), &args.overrides()) {
+    let (config, _) = match load_config(args.roots.config.as_ref(), &args.overrides()) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -175,9 +185,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     if args.check {
         let problems = policy_problems(&policy_tree(&config), None);
-        for p in &problems {
-            println!("{p}");
-        }
+        print_problems(&problems);
         if !problems.is_empty() {
             eprintln!("{origin}: ok; {} policy problem(s)", problems.len());
             return ExitCode::from(1);
