@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use crate::support::Process;
+
 fn luafcgid() -> Command {
     Command::new(env!("CARGO_BIN_EXE_luafcgid"))
 }
@@ -112,44 +114,10 @@ fn a_socket_in_use_is_not_taken_over() {
 #[test]
 fn sigterm_stops_the_daemon_and_removes_its_socket() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("term.sock");
-    let mut child = luafcgid()
-        .args(["serve", "--docroot"])
-        .arg(dir.path())
-        .arg("--listen")
-        .arg(&sock)
-        .args(["--log", "/dev/null"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        if start.elapsed() > std::time::Duration::from_secs(10) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("the daemon never created its socket");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let start = std::time::Instant::now();
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if start.elapsed() > std::time::Duration::from_secs(10) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("the daemon did not stop on SIGTERM");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    assert_eq!(code, Some(0));
+    let p = Process::start(dir.path(), &dir.path().join("audit.jsonl"));
+    let sock = p.sock.clone();
+    assert!(sock.exists());
+    p.stop(); // SIGTERM, then exit code 0 within a bound
     assert!(!sock.exists(), "the socket it created is removed");
 }
 
@@ -324,29 +292,10 @@ fn process_limits_are_set_at_start() {
     // Core dumps off (they would hold tenants' data), open files raised to the hard limit,
     // both reported in the `start` event.
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("limits.sock");
     let log = dir.path().join("audit.jsonl");
-    let mut child = luafcgid()
-        .args(["serve", "--docroot"])
-        .arg(dir.path())
-        .arg("--listen")
-        .arg(&sock)
-        .arg("--log")
-        .arg(&log)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        if start.elapsed() > std::time::Duration::from_secs(10) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("the daemon never created its socket");
-        }
-        std::thread::yield_now();
-    }
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let p = Process::start(dir.path(), &log);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.child.id())).unwrap();
+    p.stop();
     let row = |name: &str| -> Vec<String> {
         let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
         line[name.len()..]
@@ -356,18 +305,6 @@ fn process_limits_are_set_at_start() {
     };
     let core = row("Max core file size");
     let nofile = row("Max open files");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let t = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > std::time::Duration::from_secs(10) {
-            child.kill().unwrap();
-            break;
-        }
-        std::thread::yield_now();
-    }
-    let _ = child.wait();
     assert_eq!((core[0].as_str(), core[1].as_str()), ("0", "0"), "{core:?}");
     assert_eq!(
         nofile[0], nofile[1],

@@ -6,7 +6,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use fastcgi_protocol::client::{
     decode_reply, encode_begin_request, encode_params, encode_stdin, Reply,
@@ -401,4 +402,112 @@ pub fn http_get(addr: SocketAddr, target: &str) -> (u16, String) {
 /// The `request` events of an audit log.
 pub fn requests(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
     lines.iter().filter(|l| l["event"] == "request").collect()
+}
+
+/// The request id a client got.
+pub fn id_of(r: &Response) -> String {
+    r.header("X-Request-Id")
+        .unwrap_or_else(|| panic!("no X-Request-Id: {r:?}"))
+        .to_string()
+}
+
+/// A daemon run from its binary on a unix socket in `dir`, its stderr in `dir/stderr`.
+pub struct Process {
+    pub child: Child,
+    pub sock: PathBuf,
+    pub root: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Process {
+    pub fn start(dir: &Path, log: &Path) -> Process {
+        let root = std::fs::canonicalize(dir).unwrap().join("www");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("hello.lua"), HELLO).unwrap();
+        let sock = dir.join("fcgi.sock");
+        let stderr = dir.join("stderr");
+        let child = Command::new(env!("CARGO_BIN_EXE_luafcgid"))
+            .args(["serve", "--workers", "2", "--docroot"])
+            .arg(&root)
+            .arg("--listen")
+            .arg(&sock)
+            .arg("--log")
+            .arg(log)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let mut p = Process {
+            child,
+            sock,
+            root,
+            stderr,
+        };
+        let t = Instant::now();
+        while !p.sock.exists() {
+            if t.elapsed() > Duration::from_secs(10) || p.child.try_wait().unwrap().is_some() {
+                p.kill();
+                panic!("the daemon never created its socket");
+            }
+            std::thread::yield_now();
+        }
+        p
+    }
+
+    /// GETs hello.lua; gives the request id.
+    pub fn hello(&self) -> String {
+        let mut c = Client::new(Box::new(UnixStream::connect(&self.sock).unwrap()));
+        let r = c.get(&self.root.join("hello.lua").display().to_string());
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "Hello World");
+        id_of(&r)
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then waits (bounded) for exit 0.
+    pub fn stop(mut self) -> String {
+        self.signal("TERM");
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                self.kill();
+                panic!("the daemon did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(0));
+        std::fs::read_to_string(&self.stderr).unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// CPU time (user + system) used so far, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after_name.split(' ').collect();
+        // Fields 14 and 15 of stat(5), counted from the state (field 3).
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.kill();
+        }
+    }
 }
