@@ -29,6 +29,14 @@ use crate::ratelimit::Verdict;
 use crate::resolve::{Refusal, Script};
 use crate::server::Shared;
 
+/// What is known of a request once its params are complete: its script, what the rate
+/// limits said, and its policy (resolved once, for `dispatch` too).
+type Screened = (
+    Result<Arc<Script>, Refusal>,
+    Verdict,
+    Option<luafcgid_policy::Resolution>,
+);
+
 /// Bytes read from the socket at a time (the buffer grows only to hold one record).
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -67,7 +75,7 @@ where
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut out: Vec<u8> = Vec::new();
     let mut in_flight: HashMap<u16, InFlight> = HashMap::new();
-    let mut resolved: HashMap<u16, (Result<Arc<Script>, Refusal>, Verdict)> = HashMap::new();
+    let mut resolved: HashMap<u16, Screened> = HashMap::new();
     let mut shutdown = shared.shutdown_signal();
     let config = &shared.config;
     let mut progress = Instant::now();
@@ -94,9 +102,13 @@ where
                             let answer = shared
                                 .resolver
                                 .resolve(params.and_then(|p| p.get(b"SCRIPT_FILENAME")));
-                            let (limit, rate) = match &answer {
-                                Ok(script) => shared.screen(script, params, &peer),
-                                Err(_) => (0, Verdict::Unchecked),
+                            let (limit, rate, policy) = match &answer {
+                                Ok(script) => {
+                                    let (limit, rate, policy) =
+                                        shared.screen(script, params, &peer);
+                                    (limit, rate, Some(policy))
+                                }
+                                Err(_) => (0, Verdict::Unchecked, None),
                             };
                             if let (Verdict::Limited { .. }, Some(params)) = (rate, params) {
                                 // Over a rate limit: answered now, before any of the body
@@ -114,6 +126,7 @@ where
                                     abort: Arc::new(AtomicBool::new(false)),
                                     received: Instant::now(),
                                     rate,
+                                    policy,
                                 };
                                 decoder.finish(id);
                                 if let Some(reply) = dispatch(&shared, inc, answer, &tx, None) {
@@ -122,7 +135,7 @@ where
                                 continue;
                             }
                             decoder.set_body_limit(id, limit);
-                            resolved.insert(id, (answer, rate));
+                            resolved.insert(id, (answer, rate, policy));
                         }
                         Event::Request(req) => {
                             progress = Instant::now();
@@ -134,9 +147,9 @@ where
                                     abort: abort.clone(),
                                 },
                             );
-                            let (answer, rate) = match resolved.remove(&id) {
-                                Some((answer, rate)) => (Some(answer), rate),
-                                None => (None, Verdict::Unchecked),
+                            let (answer, rate, policy) = match resolved.remove(&id) {
+                                Some((answer, rate, policy)) => (Some(answer), rate, policy),
+                                None => (None, Verdict::Unchecked, None),
                             };
                             let (params, answer) = match req.params {
                                 Ok(p) => {
@@ -159,6 +172,7 @@ where
                                 abort,
                                 received: Instant::now(),
                                 rate,
+                                policy,
                             };
                             // Run at once on this thread only when the connection has
                             // nothing else pending, so no other request waits behind it.

@@ -72,6 +72,8 @@ pub struct Incoming {
     pub received: Instant,
     /// What the rate limits said, when the front end checked them before the body.
     pub rate: Verdict,
+    /// The script's policy, when the front end resolved it already (else `dispatch` does).
+    pub policy: Option<Resolution>,
 }
 
 struct Audit<'a> {
@@ -193,7 +195,7 @@ const SHED_RETRY_AFTER: u64 = 1;
 /// the reply when it is ready now; a queued request's reply arrives later on `tx`.
 pub fn dispatch(
     shared: &Arc<Shared>,
-    inc: Incoming,
+    mut inc: Incoming,
     resolved: Result<Arc<Script>, Refusal>,
     tx: &ReplyTx,
     inline: Option<&dyn ClientProbe>,
@@ -217,7 +219,11 @@ pub fn dispatch(
             ));
         }
     };
-    let effective = match shared.policy_for(&script) {
+    let resolution = match inc.policy.take() {
+        Some(r) => r,
+        None => shared.policy_for(&script),
+    };
+    let effective = match resolution {
         Resolution::Allowed(e) => e,
         Resolution::Denied(e) => {
             let why = "denied by policy";

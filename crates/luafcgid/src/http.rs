@@ -189,6 +189,7 @@ async fn serve(
             received,
             // Checked by dispatch, after the body (this listener is for development).
             rate: crate::ratelimit::Verdict::Unchecked,
+            policy: None,
         };
         let probe = SocketProbe::new(stream.as_raw_fd(), None);
         let inline = buf.is_empty().then_some(&probe as &dyn ClientProbe);

@@ -74,6 +74,7 @@ pub fn run_one(config: Config, req: &OneRequest) -> Result<OneReply, ServeError>
         abort: Arc::new(AtomicBool::new(false)),
         received: Instant::now(),
         rate: crate::ratelimit::Verdict::Unchecked,
+        policy: None,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

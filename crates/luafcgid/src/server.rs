@@ -172,16 +172,19 @@ impl Shared {
     /// What is known of a request once its params are complete, before its body: the most
     /// body it may send, and what the rate limits say (`Unchecked` when it will not run:
     /// denied, or its policy is invalid).
+    /// The resolution comes back too, so `dispatch` need not look the policy up again.
     pub fn screen(
         &self,
         script: &Script,
         params: Option<&fastcgi_protocol::Params>,
         peer: &str,
-    ) -> (u64, Verdict) {
-        match self.policy_for(script) {
-            Resolution::Allowed(e) => (e.policy.body, self.rate_check(script, &e, params, peer)),
+    ) -> (u64, Verdict, Resolution) {
+        let resolution = self.policy_for(script);
+        let (limit, rate) = match &resolution {
+            Resolution::Allowed(e) => (e.policy.body, self.rate_check(script, e, params, peer)),
             _ => (0, Verdict::Unchecked),
-        }
+        };
+        (limit, rate, resolution)
     }
 
     /// Checks a request against the rate limits of its effective policy and the config,
