@@ -214,6 +214,53 @@ pub fn build_request(script: &Path, docroot: &Path, query: &str, keep_conn: bool
     out
 }
 
+/// Most STDOUT bytes kept per response: enough for the header block.
+pub const HEAD_KEEP: usize = 4096;
+
+/// Decodes the complete records at the front of `buf` (and removes them), keeping the
+/// first [`HEAD_KEEP`] bytes of STDOUT in `head`. Returns the response's end when an
+/// `END_REQUEST` arrived: its CGI status, or why the response is broken (a protocol status,
+/// an unexpected record, a protocol error).
+pub fn drain_replies(buf: &mut Vec<u8>, head: &mut Vec<u8>) -> Option<Result<u16, String>> {
+    use fastcgi_protocol::client::{decode_reply, Reply};
+    use fastcgi_protocol::Status;
+    let mut pos = 0;
+    let mut ended = None;
+    loop {
+        match decode_reply(&buf[pos..]) {
+            Ok(Status::Partial) => break,
+            Ok(Status::Complete((used, reply))) => {
+                pos += used;
+                match reply {
+                    Reply::Stdout { data, .. } => {
+                        let room = HEAD_KEEP.saturating_sub(head.len());
+                        head.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                    Reply::Stderr { .. } => {}
+                    Reply::End { status, .. } => {
+                        ended = Some(if status != 0 {
+                            Err(format!("END_REQUEST protocol status {status}"))
+                        } else {
+                            Ok(cgi_status(head))
+                        });
+                        break;
+                    }
+                    other => {
+                        ended = Some(Err(format!("unexpected record {other:?}")));
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                ended = Some(Err(format!("protocol error: {e}")));
+                break;
+            }
+        }
+    }
+    buf.drain(..pos);
+    ended
+}
+
 /// The status of a CGI header block: its `Status` line (0 when unreadable), else 200.
 pub fn cgi_status(stdout: &[u8]) -> u16 {
     let end = find(stdout, b"\r\n\r\n")

@@ -59,7 +59,8 @@ use clap::Parser;
 use fastcgi_protocol::client::{decode_reply, Reply};
 use fastcgi_protocol::Status;
 use luafcgid_bench::daemon::{
-    build_request, cgi_status, daemon_binary, find, load_average, toml_path, Daemon, TempDir,
+    build_request, cgi_status, daemon_binary, drain_replies, find, load_average, toml_path, Daemon,
+    TempDir, HEAD_KEEP,
 };
 use luafcgid_bench::epoll::{self, Epoll, Ready, Timer};
 use luafcgid_bench::{
@@ -116,8 +117,6 @@ struct Args {
 const MAX_REQUESTS: f64 = 50e6;
 /// Longest phase or calibration, in seconds.
 const MAX_SECS: f64 = 600.0;
-/// Bytes of a response's STDOUT kept: enough for the header block.
-const HEAD_KEEP: usize = 4096;
 /// The calibration's warm-up, not counted.
 const CALIBRATION_WARMUP: Duration = Duration::from_millis(500);
 /// Pause between phases, for queues and states to settle.
@@ -692,39 +691,10 @@ impl<'a> Pool<'a> {
         };
         let mut ended = None;
         if failure.is_none() {
-            let mut pos = 0;
-            loop {
-                match decode_reply(&c.buf[pos..]) {
-                    Ok(Status::Partial) => break,
-                    Ok(Status::Complete((used, reply))) => {
-                        pos += used;
-                        match reply {
-                            Reply::Stdout { data, .. } => {
-                                let room = HEAD_KEEP.saturating_sub(c.head.len());
-                                c.head.extend_from_slice(&data[..data.len().min(room)]);
-                            }
-                            Reply::Stderr { .. } => {}
-                            Reply::End { status, .. } => {
-                                ended = Some(if status != 0 {
-                                    End::Error(format!("END_REQUEST protocol status {status}"))
-                                } else {
-                                    End::Status(cgi_status(&c.head))
-                                });
-                                break;
-                            }
-                            other => {
-                                ended = Some(End::Error(format!("unexpected record {other:?}")));
-                                break;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        ended = Some(End::Error(format!("protocol error: {e}")));
-                        break;
-                    }
-                }
-            }
-            c.buf.drain(..pos);
+            ended = drain_replies(&mut c.buf, &mut c.head).map(|end| match end {
+                Ok(status) => End::Status(status),
+                Err(why) => End::Error(why),
+            });
         }
         let at = Instant::now();
         match (failure, ended) {

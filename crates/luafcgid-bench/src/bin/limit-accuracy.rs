@@ -48,8 +48,8 @@ use clap::Parser;
 use fastcgi_protocol::client::{decode_reply, Reply};
 use fastcgi_protocol::Status;
 use luafcgid_bench::daemon::{
-    build_request, cgi_status, daemon_binary, find, load_average, toml_path, Daemon, TempDir,
-    START_PATIENCE,
+    build_request, cgi_status, daemon_binary, drain_replies, find, load_average, toml_path, Daemon,
+    TempDir, HEAD_KEEP, START_PATIENCE,
 };
 use luafcgid_bench::epoll::{self, Epoll, Ready};
 use luafcgid_bench::{read_schedstat, sched_counters, Address, Stream};
@@ -93,8 +93,6 @@ const MARKER: &str = "limit-accuracy=";
 const AUDIT_PATIENCE: Duration = Duration::from_secs(3);
 /// Background load runs this long before the first corpus request of a pass.
 const LOAD_WARMUP: Duration = Duration::from_millis(500);
-/// Bytes of a response's STDOUT kept: enough for the header block.
-const HEAD_KEEP: usize = 4096;
 
 fn main() {
     let args = Args::parse();
@@ -1131,43 +1129,11 @@ fn run_load(
                 }
             };
             c.buf.extend_from_slice(&chunk[..n]);
-            let mut pos = 0;
-            let mut finished = None;
-            loop {
-                match decode_reply(&c.buf[pos..]) {
-                    Ok(Status::Partial) => break,
-                    Ok(Status::Complete((used, reply))) => {
-                        pos += used;
-                        match reply {
-                            Reply::Stdout { data, .. } => {
-                                let room = HEAD_KEEP.saturating_sub(c.head.len());
-                                c.head.extend_from_slice(&data[..data.len().min(room)]);
-                            }
-                            Reply::Stderr { .. } => {}
-                            Reply::End { status, .. } => {
-                                finished = Some(if status != 0 {
-                                    Err(format!("END_REQUEST protocol status {status}"))
-                                } else {
-                                    match cgi_status(&c.head) {
-                                        200 => Ok(()),
-                                        s => Err(format!("status {s}")),
-                                    }
-                                });
-                                break;
-                            }
-                            other => {
-                                finished = Some(Err(format!("unexpected record {other:?}")));
-                                break;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        finished = Some(Err(format!("protocol error: {e}")));
-                        break;
-                    }
-                }
-            }
-            c.buf.drain(..pos);
+            let finished = drain_replies(&mut c.buf, &mut c.head).map(|end| match end {
+                Ok(200) => Ok(()),
+                Ok(s) => Err(format!("status {s}")),
+                Err(why) => Err(why),
+            });
             let Some(verdict) = finished else { continue };
             let now = Instant::now();
             let at = since(now);
