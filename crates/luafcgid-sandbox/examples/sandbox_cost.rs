@@ -62,10 +62,7 @@ fn main() {
             modules: false,
             entry: None,
             memory: 1 << 30,
-            libs: luafcgid_sandbox::DEFAULT_LIBS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            libs: luafcgid_sandbox::default_libs(),
             init: limits.clone(),
         };
         let abort = AtomicBool::new(false);

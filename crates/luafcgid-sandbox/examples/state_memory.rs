@@ -29,10 +29,7 @@ fn main() {
         modules: true,
         entry: None,
         memory: 64 << 20,
-        libs: luafcgid_sandbox::DEFAULT_LIBS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        libs: luafcgid_sandbox::default_libs(),
         init: limits.clone(),
     };
     let abort = AtomicBool::new(false);

@@ -33,6 +33,11 @@ pub const DEFAULT_LIBS: &[&str] = &[
     "os.difftime",
 ];
 
+/// [`DEFAULT_LIBS`] as an owned allow-list, for [`crate::StateOptions::libs`].
+pub fn default_libs() -> Vec<String> {
+    DEFAULT_LIBS.iter().map(|s| s.to_string()).collect()
+}
+
 /// The library tables a policy may allow, whole or function by function.
 pub const LIB_TABLES: &[&str] = &["string", "table", "math", "utf8", "coroutine", "os"];
 

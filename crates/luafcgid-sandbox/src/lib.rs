@@ -37,7 +37,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-pub use env::{DEFAULT_LIBS, LIB_TABLES, OS_FUNCTIONS};
+pub use env::{default_libs, DEFAULT_LIBS, LIB_TABLES, OS_FUNCTIONS};
 pub use state::ScriptState;
 pub use status::status_reason;
 

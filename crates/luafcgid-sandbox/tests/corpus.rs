@@ -66,10 +66,7 @@ fn run(script: &Path, root: &Path) -> (String, String) {
         modules: true,
         entry: None,
         memory: 16 << 20,
-        libs: luafcgid_sandbox::DEFAULT_LIBS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        libs: luafcgid_sandbox::default_libs(),
         init: limits(),
     };
     let abort = AtomicBool::new(false);

@@ -61,10 +61,7 @@ pub fn options(dir: &TempDir, script: &Path) -> StateOptions {
         modules: true,
         entry: None,
         memory: 16 << 20,
-        libs: luafcgid_sandbox::DEFAULT_LIBS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        libs: luafcgid_sandbox::default_libs(),
         init: limits(),
     }
 }
