@@ -27,7 +27,7 @@ use crate::dispatch::{dispatch, Framing, Incoming, Reply};
 use crate::probe::SocketProbe;
 use crate::ratelimit::Verdict;
 use crate::resolve::{Refusal, Script};
-use crate::server::Shared;
+use crate::server::{Live, Shared};
 
 /// What is known of a request once its params are complete: its script, what the rate
 /// limits said, and its policy (resolved once, for `dispatch` too).
@@ -65,11 +65,16 @@ fn get_values(shared: &Shared, names: &[Vec<u8>], out: &mut Vec<u8>) {
     encode_get_values_result(&pairs, out);
 }
 
-/// Serves one FastCGI connection until it closes.
-pub async fn serve<S>(mut stream: S, peer: Arc<str>, shared: Arc<Shared>)
+/// Serves one FastCGI connection until it closes. Each request uses the configuration
+/// current when its params complete; the connection's own limits and timeouts are those
+/// of its start. After shutdown is signalled, requests already sent are answered, then the
+/// connection closes.
+pub async fn serve<S>(mut stream: S, peer: Arc<str>, live: Arc<Live>)
 where
     S: AsyncRead + AsyncWrite + AsRawFd + Unpin,
 {
+    let mut generation = live.generation();
+    let mut shared = live.current();
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let mut decoder = Decoder::new(shared.limits.clone());
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -77,17 +82,22 @@ where
     let mut in_flight: HashMap<u16, InFlight> = HashMap::new();
     let mut resolved: HashMap<u16, Screened> = HashMap::new();
     let mut shutdown = shared.shutdown_signal();
-    let config = &shared.config;
+    let (read_timeout, idle_timeout) = (shared.config.read_timeout, shared.config.idle_timeout);
     let mut progress = Instant::now();
     let mut closing = false;
     // One timer per connection, moved only when a deadline comes closer; when it fires
     // early (the connection made progress since), it is re-armed. A keep-alive connection
     // thus touches the runtime's timer wheel about once per timeout, not once per request.
-    let timer = tokio::time::sleep(config.idle_timeout);
+    let timer = tokio::time::sleep(idle_timeout);
     tokio::pin!(timer);
-    let mut armed = progress + config.idle_timeout;
+    let mut armed = progress + idle_timeout;
 
     'conn: loop {
+        // A reload took effect: move to it between requests (none half screened).
+        if resolved.is_empty() && live.generation() != generation {
+            generation = live.generation();
+            shared = live.current();
+        }
         // Decode every whole record in the buffer.
         let mut start = 0;
         loop {
@@ -209,7 +219,7 @@ where
                 }
                 Err(e) => {
                     tracing::debug!("closing a FastCGI connection: {e}");
-                    let _ = write_out(&mut stream, &mut out, config.read_timeout).await;
+                    let _ = write_out(&mut stream, &mut out, read_timeout).await;
                     break 'conn;
                 }
             }
@@ -218,7 +228,7 @@ where
             inbuf.drain(..start);
         }
         if !out.is_empty()
-            && write_out(&mut stream, &mut out, config.read_timeout)
+            && write_out(&mut stream, &mut out, read_timeout)
                 .await
                 .is_err()
         {
@@ -229,12 +239,16 @@ where
         }
         let assembling = decoder.assembling();
         let deadline = if assembling {
-            Some(progress + config.read_timeout)
+            Some(progress + read_timeout)
         } else if in_flight.is_empty() {
-            if *shutdown.borrow() {
+            // Shutting down: what the peer sent before it is still answered.
+            if *shutdown.borrow()
+                && inbuf.is_empty()
+                && !crate::probe::bytes_waiting(stream.as_raw_fd())
+            {
                 break;
             }
-            Some(progress + config.idle_timeout)
+            Some(progress + idle_timeout)
         } else {
             None
         };
@@ -265,7 +279,7 @@ where
                 while let Ok(more) = rx.try_recv() {
                     keep &= queue_reply(more, &mut in_flight, &mut decoder, &mut out);
                 }
-                if write_out(&mut stream, &mut out, config.read_timeout).await.is_err() {
+                if write_out(&mut stream, &mut out, read_timeout).await.is_err() {
                     break 'conn;
                 }
                 if !keep {

@@ -207,14 +207,16 @@ pub fn dispatch(
                 Refusal::BadRequest(w) => (Outcome::BadRequest, w),
                 Refusal::NotFound => (Outcome::NotFound, "no such script"),
                 Refusal::Forbidden(w) => (Outcome::Forbidden, w),
+                Refusal::Unavailable(w) => (Outcome::Shed, w),
             };
+            let retry_after = (outcome == Outcome::Shed).then_some(SHED_RETRY_AFTER);
             return Some(answer_early(
                 shared,
                 &inc,
                 None,
                 None,
                 outcome,
-                None,
+                retry_after,
                 Some(why),
             ));
         }

@@ -24,15 +24,21 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// Most headers accepted.
 pub const MAX_HEADERS: usize = 100;
 
-pub(crate) async fn accept(l: TcpListener, shared: Arc<Shared>, connections: Arc<Semaphore>) {
+/// Accepts development HTTP connections; each uses the configuration current when it
+/// was accepted.
+pub(crate) async fn accept(
+    l: TcpListener,
+    live: Arc<crate::server::Live>,
+    connections: Arc<Semaphore>,
+) {
     loop {
         match l.accept().await {
             Ok((stream, peer)) => {
+                let shared = live.current();
                 let Some(permit) = crate::server::connection_permit(&shared, &connections) else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let shared = shared.clone();
                 tokio::spawn(async move {
                     let server = stream.local_addr().ok();
                     let _ = serve(stream, peer, server, shared).await;

@@ -1,6 +1,6 @@
 //! The `luafcgid` binary: parses the command line, validates the configuration before any
 //! socket is bound (exit 64 when it is bad), then runs the server until SIGTERM or SIGINT;
-//! SIGUSR1 reopens the audit log file.
+//! SIGHUP reloads the configuration, SIGUSR1 reopens the audit log file.
 
 use std::process::ExitCode;
 
@@ -12,9 +12,11 @@ use luafcgid::cli::{
 };
 use luafcgid::config::Overrides;
 use luafcgid::config::RawConfig;
-use luafcgid::server::Server;
+use luafcgid::server::{Live, Server};
 use luafcgid_policy::{PolicyTree, Problem};
 use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::signal::unix::Signal;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -107,29 +109,33 @@ fn policy_explain(args: PolicyExplainArgs) -> ExitCode {
     }
 }
 
-/// Reads and validates the config file (if any) with `overrides`; prints the problem and
-/// gives the exit code on failure.
+/// Reads and validates the config file (if any) with `overrides`: the config and where it
+/// came from, or the problem.
+fn read_config(
+    file: Option<&PathBuf>,
+    overrides: &luafcgid::config::Overrides,
+) -> Result<(luafcgid::config::Config, String), String> {
+    let (raw, origin) = match file {
+        Some(path) => match RawConfig::read(path) {
+            Ok(r) => (r, path.display().to_string()),
+            Err(e) => return Err(e.to_string()),
+        },
+        None => (RawConfig::default(), "command line".to_string()),
+    };
+    raw.validate(&origin, overrides)
+        .map(|c| (c, origin))
+        .map_err(|e| e.to_string())
+}
+
+/// [`read_config`], printing the problem and giving the exit code on failure.
 fn load_config(
     file: Option<&PathBuf>,
     overrides: &luafcgid::config::Overrides,
 ) -> Result<(luafcgid::config::Config, String), ExitCode> {
-    let (raw, origin) = match file {
-        Some(path) => match RawConfig::read(path) {
-            Ok(r) => (r, path.display().to_string()),
-            Err(e) => {
-                eprintln!("luafcgid: {e}");
-                return Err(ExitCode::from(EXIT_USAGE as u8));
-            }
-        },
-        None => (RawConfig::default(), "command line".to_string()),
-    };
-    match raw.validate(&origin, overrides) {
-        Ok(c) => Ok((c, origin)),
-        Err(e) => {
-            eprintln!("luafcgid: {e}");
-            Err(ExitCode::from(EXIT_USAGE as u8))
-        }
-    }
+    read_config(file, overrides).map_err(|e| {
+        eprintln!("luafcgid: {e}");
+        ExitCode::from(EXIT_USAGE as u8)
+    })
 }
 
 fn run_script(args: RunArgs) -> ExitCode {
@@ -204,7 +210,17 @@ fn serve(args: ServeArgs) -> ExitCode {
             tracing::warn!("{what} is accepted but not enforced by this version");
         }
     }
-    match run(config) {
+    let file = args.config.clone();
+    let overrides = args.overrides();
+    let reread = move || {
+        read_config(file.as_ref(), &overrides).map_err(|e| {
+            let origin = file
+                .as_ref()
+                .map_or("command line".into(), |f| f.display().to_string());
+            (origin, e)
+        })
+    };
+    match run(config, reread) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("luafcgid: {e:#}");
@@ -213,7 +229,17 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
+/// What a reload reads (the config file again, with the same command-line flags): the config and where it came from, or where and what the problem is.
+type Reread =
+    dyn Fn() -> Result<(luafcgid::config::Config, String), (String, String)> + Send + Sync;
+
+fn run(
+    config: luafcgid::config::Config,
+    reread: impl Fn() -> Result<(luafcgid::config::Config, String), (String, String)>
+        + Send
+        + Sync
+        + 'static,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(luafcgid::server::runtime_threads(config.workers))
         .thread_stack_size(luafcgid::server::THREAD_STACK)
@@ -223,8 +249,11 @@ fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async move {
         // Before binding: once the sockets exist, no signal the daemon handles may take its
-        // default action (SIGTERM right after start must drain and remove the sockets).
-        let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
+        // default action (SIGTERM right after start must drain and remove the sockets;
+        // SIGHUP's default would end the daemon).
+        use tokio::signal::unix::{signal, SignalKind};
+        let usr1 = signal(SignalKind::user_defined1());
+        let hup = signal(SignalKind::hangup());
         let shutdown = shutdown_signal();
         let limits = luafcgid::server::process_limits();
         let server = Server::bind(config).await?.with_process_limits(limits);
@@ -234,17 +263,15 @@ fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
         if let Some(h) = server.http_addr() {
             tracing::info!("HTTP (development) on http://{h}/");
         }
-        tokio::spawn(reopen_log_on_sigusr1(usr1, server.shared()));
+        tokio::spawn(reopen_log_on_sigusr1(usr1, server.live()));
+        tokio::spawn(reload_on_sighup(hup, server.live(), Arc::new(reread)));
         server.run(shutdown).await?;
         Ok(())
     })
 }
 
 /// SIGUSR1 (logrotate's `postrotate`): the audit log file is reopened by name.
-async fn reopen_log_on_sigusr1(
-    usr1: std::io::Result<tokio::signal::unix::Signal>,
-    shared: std::sync::Arc<luafcgid::server::Shared>,
-) {
+async fn reopen_log_on_sigusr1(usr1: std::io::Result<Signal>, live: Arc<Live>) {
     let mut usr1 = match usr1 {
         Ok(s) => s,
         Err(e) => {
@@ -253,7 +280,33 @@ async fn reopen_log_on_sigusr1(
         }
     };
     while usr1.recv().await.is_some() {
-        shared.audit.reopen();
+        live.current().audit.reopen();
+    }
+}
+
+/// SIGHUP: the config file is read and validated again; if it is good, the daemon switches
+/// to it (policies and scripts load anew) without dropping a request; if not, the running
+/// configuration stays and the problem is logged.
+async fn reload_on_sighup(hup: std::io::Result<Signal>, live: Arc<Live>, reread: Arc<Reread>) {
+    let mut hup = match hup {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot handle SIGHUP ({e}): the configuration cannot be reloaded");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let live = live.clone();
+        let reread = reread.clone();
+        let _ = tokio::task::spawn_blocking(move || match reread() {
+            Ok((config, origin)) => {
+                if live.reload(config, &origin).is_ok() {
+                    tracing::info!("configuration reloaded from {origin}");
+                }
+            }
+            Err((origin, message)) => live.reject(&origin, &message),
+        })
+        .await;
     }
 }
 

@@ -12,7 +12,7 @@
 //! socket are peeked (never consumed) and scanned for an `FCGI_ABORT_REQUEST` of the running
 //! request. The scan starts at a record boundary because requests only run inline when
 //! nothing else was buffered after them. This is the only module with `unsafe` in the
-//! daemon: two libc calls on a descriptor the caller keeps open for the whole check.
+//! daemon: libc calls on a descriptor the caller keeps open for the whole check.
 #![allow(unsafe_code)]
 
 use std::os::fd::RawFd;
@@ -108,6 +108,23 @@ impl ClientProbe for SocketProbe {
             },
         }
     }
+}
+
+/// Whether the peer of `fd` has sent bytes not read yet (peeked, never consumed; never
+/// blocks). A connection uses it at shutdown so a request already sent is still answered.
+pub fn bytes_waiting(fd: RawFd) -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: `byte` is writable for its length; MSG_PEEK leaves the bytes queued and
+    // MSG_DONTWAIT never blocks. A closed or invalid descriptor gives an error, read as no.
+    let got = unsafe {
+        libc::recv(
+            fd,
+            byte.as_mut_ptr().cast(),
+            byte.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    got > 0
 }
 
 /// Whether `bytes`, starting at a record boundary, hold an ABORT_REQUEST for `id`.

@@ -46,6 +46,25 @@ pub enum Refusal {
     NotFound,
     /// 403: outside the roots or the tenant's tree, unreadable, wrong extension.
     Forbidden(&'static str),
+    /// 503: the system could not answer now (descriptors or memory exhausted); never
+    /// cached, so the next request tries again.
+    Unavailable(&'static str),
+}
+
+/// The refusal for an error of the file system: gone, forbidden, or a passing shortage of
+/// the daemon's own (descriptors, memory) that says nothing of the script.
+fn refusal_of(e: &std::io::Error) -> Refusal {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => Refusal::Forbidden("unreadable"),
+        std::io::ErrorKind::OutOfMemory => Refusal::Unavailable("out of memory"),
+        _ if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            Refusal::Unavailable("out of file descriptors")
+        }
+        _ if matches!(e.raw_os_error(), Some(libc::ENOMEM)) => {
+            Refusal::Unavailable("out of memory")
+        }
+        _ => Refusal::NotFound,
+    }
 }
 
 #[derive(Debug)]
@@ -130,6 +149,9 @@ impl Resolver {
             }
         }
         let answer = self.resolve_uncached(Path::new(OsStr::from_bytes(name)));
+        if let Err(Refusal::Unavailable(_)) = answer {
+            return answer;
+        }
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= RESOLVE_CACHE_ENTRIES {
             cache.clear();
@@ -187,15 +209,7 @@ impl Resolver {
         }) else {
             return Err(Refusal::Forbidden("outside the document roots"));
         };
-        let real = match std::fs::canonicalize(&clean) {
-            Ok(p) => p,
-            Err(e) => {
-                return Err(match e.kind() {
-                    std::io::ErrorKind::PermissionDenied => Refusal::Forbidden("unreadable"),
-                    _ => Refusal::NotFound,
-                })
-            }
-        };
+        let real = std::fs::canonicalize(&clean).map_err(|e| refusal_of(&e))?;
         let Ok(rel_real) = real.strip_prefix(&root.real) else {
             return Err(Refusal::Forbidden("resolves outside the document root"));
         };
@@ -212,17 +226,19 @@ impl Resolver {
         if !self.has_extension(&real) {
             return Err(Refusal::Forbidden("target is not a script extension"));
         }
-        let meta = match std::fs::metadata(&real) {
-            Ok(m) => m,
-            Err(_) => return Err(Refusal::NotFound),
-        };
+        let meta = std::fs::metadata(&real).map_err(|e| match refusal_of(&e) {
+            Refusal::Forbidden(_) => Refusal::NotFound,
+            other => other,
+        })?;
         if !meta.is_file() {
             return Err(Refusal::NotFound);
         }
         if let Err(e) = std::fs::File::open(&real) {
-            return Err(match e.kind() {
-                std::io::ErrorKind::NotFound => Refusal::NotFound,
-                _ => Refusal::Forbidden("unreadable"),
+            return Err(match refusal_of(&e) {
+                Refusal::NotFound if e.kind() != std::io::ErrorKind::NotFound => {
+                    Refusal::Forbidden("unreadable")
+                }
+                other => other,
             });
         }
         let tenant_root = match &tenant {

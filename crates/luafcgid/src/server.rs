@@ -97,9 +97,9 @@ pub struct Shared {
     pub pool: StatePool<ScriptState>,
     /// One permit per request allowed in Lua at once (`workers`).
     pub lua_slots: Arc<Semaphore>,
-    pub audit: AuditLog,
+    pub audit: Arc<AuditLog>,
     pub defaults: Defaults,
-    pub ids: RequestIds,
+    pub ids: Arc<RequestIds>,
     pub limits: fastcgi_protocol::Limits,
     /// Requests waiting for their permits (a Lua slot, a clone, their tenant's share).
     pub waiting: WaitingRoom,
@@ -119,8 +119,27 @@ impl Shared {
     /// pool, the audit log. `Server::bind` and `luafcgid run` build it.
     pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Result<Arc<Shared>, ServeError> {
         let resolver = Resolver::new(&config.docroots, &config.extensions, config.sweep)?;
-        let audit = AuditLog::open(config.log.as_ref())?;
+        let audit = Arc::new(AuditLog::open(config.log.as_ref())?);
         let lua_slots = Arc::new(Semaphore::new(config.workers));
+        Shared::build(
+            config,
+            resolver,
+            audit,
+            lua_slots,
+            Arc::new(RequestIds::default()),
+            shutdown,
+        )
+    }
+
+    /// Everything built from `config`, sharing the given log, Lua slots and request ids.
+    fn build(
+        config: Config,
+        resolver: Resolver,
+        audit: Arc<AuditLog>,
+        lua_slots: Arc<Semaphore>,
+        ids: Arc<RequestIds>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<Shared>, ServeError> {
         let limits = fastcgi_protocol::Limits {
             max_params_bytes: config.max_params,
             max_body_bytes: config.ceiling.body,
@@ -145,7 +164,7 @@ impl Shared {
             resolver,
             lua_slots,
             audit,
-            ids: RequestIds::default(),
+            ids,
             limits,
             waiting: WaitingRoom::new(config.queue_max),
             tenants: TenantSlots::new(config.tenant_workers),
@@ -262,6 +281,144 @@ impl Shared {
     }
 }
 
+/// Keys a reload cannot change: they were applied when the daemon started (sockets bound,
+/// threads started, privileges dropped).
+fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |differs: bool, key: &'static str| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    check(old.listen != new.listen, "listen");
+    check(old.socket_mode != new.socket_mode, "socket_mode");
+    check(old.http != new.http, "http");
+    check(old.metrics != new.metrics, "metrics");
+    check(old.workers != new.workers, "workers");
+    check(
+        old.max_connections != new.max_connections,
+        "max_connections",
+    );
+    check(old.user != new.user, "user");
+    check(old.group != new.group, "group");
+    changed
+}
+
+impl Shared {
+    /// What a reload to `config` builds: a new resolver, state pool (every script loads
+    /// again), policy tree and rate limiters; the audit log (unless `log` changed), Lua
+    /// slots, request ids and the shutdown signal carry over. Keys that need a restart keep
+    /// their running values and are returned by name.
+    pub fn reload(
+        &self,
+        mut config: Config,
+    ) -> Result<(Arc<Shared>, Vec<&'static str>), ServeError> {
+        let kept = restart_only(&self.config, &config);
+        config.listen = self.config.listen.clone();
+        config.socket_mode = self.config.socket_mode;
+        config.http = self.config.http;
+        config.metrics = self.config.metrics.clone();
+        config.workers = self.config.workers;
+        config.max_connections = self.config.max_connections;
+        config.user = self.config.user.clone();
+        config.group = self.config.group.clone();
+        let resolver = Resolver::new(&config.docroots, &config.extensions, config.sweep)?;
+        let audit = if config.log == self.config.log {
+            self.audit.clone()
+        } else {
+            Arc::new(AuditLog::open(config.log.as_ref())?)
+        };
+        let shared = Shared::build(
+            config,
+            resolver,
+            audit,
+            self.lua_slots.clone(),
+            self.ids.clone(),
+            self.shutdown.clone(),
+        )?;
+        shared.refused_connections.store(
+            self.refused_connections
+                .load(std::sync::atomic::Ordering::Relaxed),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok((shared, kept))
+    }
+}
+
+/// The running configuration and everything built from it. A reload replaces it as a
+/// whole; requests already admitted finish with the one they started with, connections
+/// move to the new one between requests.
+#[derive(Debug)]
+pub struct Live {
+    current: std::sync::RwLock<Arc<Shared>>,
+    generation: AtomicU64,
+}
+
+impl Live {
+    fn new(shared: Arc<Shared>) -> Live {
+        Live {
+            current: std::sync::RwLock::new(shared),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// What new requests use now.
+    pub fn current(&self) -> Arc<Shared> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// How many reloads took effect (a connection compares it to switch between requests).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Reloads to `config` (already validated): builds the new state beside the old, then
+    /// switches to it. On failure the running configuration stays. The audit log gets
+    /// `config_loaded` (with the keys that need a restart) or `config_rejected`.
+    pub fn reload(&self, config: Config, origin: &str) -> Result<(), ServeError> {
+        let old = self.current();
+        match old.reload(config) {
+            Ok((new, kept)) => {
+                for key in &kept {
+                    tracing::warn!("reload: `{key}` changed; it takes effect at the next start");
+                }
+                {
+                    let mut current = self
+                        .current
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    *current = new.clone();
+                    self.generation
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
+                new.audit.lifecycle(
+                    "config_loaded",
+                    serde_json::json!({"file": origin, "restart_needed": kept}),
+                );
+                let checked = new.clone();
+                std::thread::spawn(move || checked.check_policies());
+                Ok(())
+            }
+            Err(e) => {
+                self.reject(origin, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Says in the audit log that a reload from `origin` was refused, and why.
+    pub fn reject(&self, origin: &str, message: &str) {
+        tracing::error!("reload refused, the running configuration stays: {message}");
+        self.current().audit.lifecycle(
+            "config_rejected",
+            serde_json::json!({"file": origin, "message": truncate(message)}),
+        );
+    }
+}
+
 enum Bound {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
@@ -269,7 +426,7 @@ enum Bound {
 
 /// A bound, not yet running server.
 pub struct Server {
-    shared: Arc<Shared>,
+    live: Arc<Live>,
     listeners: Vec<Bound>,
     http: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
@@ -350,7 +507,7 @@ impl Server {
         let (shutdown_tx, shutdown) = watch::channel(false);
         let shared = Shared::new(config, shutdown)?;
         Ok(Server {
-            shared,
+            live: Arc::new(Live::new(shared)),
             listeners,
             http,
             shutdown_tx,
@@ -380,23 +537,31 @@ impl Server {
         self.http.as_ref().and_then(|h| h.local_addr().ok())
     }
 
-    /// What connections and workers share (for tests and diagnostics).
+    /// What connections and workers share now (for tests and diagnostics).
     pub fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
+        self.live.current()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests
-    /// finish (bounded by `shutdown_timeout`), removes the unix sockets it created and
+    /// The running configuration, which a reload replaces.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting (connections the kernel had
+    /// already completed are still taken), lets in-flight requests and requests already
+    /// sent finish (bounded by `shutdown_timeout`), removes the unix sockets it created and
     /// stops the workers.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
         let Server {
-            shared,
+            live,
             listeners,
             http,
             shutdown_tx,
             limits,
         } = self;
+        let shared = live.current();
         let connections = Arc::new(Semaphore::new(shared.config.max_connections));
+        let (stop_accepting, stop) = watch::channel(false);
         let mut accept_tasks = Vec::new();
         let mut sockets = Vec::new();
         shared.audit.lifecycle(
@@ -411,43 +576,45 @@ impl Server {
             }),
         );
         for l in listeners {
-            let shared = shared.clone();
-            let connections = connections.clone();
+            let accepting = Accepting {
+                live: live.clone(),
+                connections: connections.clone(),
+                stop: stop.clone(),
+            };
             match l {
-                Bound::Tcp(t) => {
-                    accept_tasks.push(tokio::spawn(accept_tcp(t, shared, connections)))
-                }
+                Bound::Tcp(t) => accept_tasks.push(tokio::spawn(accept_tcp(t, accepting))),
                 Bound::Unix(u, p) => {
                     sockets.push(p);
-                    accept_tasks.push(tokio::spawn(accept_unix(u, shared, connections)))
+                    accept_tasks.push(tokio::spawn(accept_unix(u, accepting)))
                 }
             }
         }
-        if let Some(h) = http {
-            accept_tasks.push(tokio::spawn(crate::http::accept(
-                h,
-                shared.clone(),
-                connections.clone(),
-            )));
-        }
+        let http_task =
+            http.map(|h| tokio::spawn(crate::http::accept(h, live.clone(), connections.clone())));
         // Report invalid policies at start (their subtrees answer `policy_error`); the
         // walk runs beside serving, never delaying it.
         let checked = shared.clone();
         tokio::task::spawn_blocking(move || checked.check_policies());
-        let sweeper = tokio::spawn(sweep(shared.clone()));
+        let sweeper = tokio::spawn(sweep(live.clone()));
         let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let watchdog = {
             let watching = watching.clone();
-            let shared = shared.clone();
+            let slots = shared.lua_slots.clone();
+            let workers = shared.config.workers;
             let handle = tokio::runtime::Handle::current();
             std::thread::Builder::new()
                 .name("driver-watch".into())
-                .spawn(move || watch_driver(handle, shared, watching))?
+                .spawn(move || watch_driver(handle, slots, workers, watching))?
         };
+        // Not kept: a reload must be able to free the states of the configuration it
+        // replaces.
+        drop(shared);
         shutdown.await;
-        watching.store(false, std::sync::atomic::Ordering::Relaxed);
-        let _ = watchdog.join();
-        for t in &accept_tasks {
+        let _ = stop_accepting.send(true);
+        for t in accept_tasks {
+            let _ = t.await;
+        }
+        if let Some(t) = http_task {
             t.abort();
         }
         sweeper.abort();
@@ -456,16 +623,18 @@ impl Server {
             let _ = std::fs::remove_file(p);
         }
         // Every connection holds a permit: all of them back means all connections ended.
+        let shared = live.current();
         let max = shared.config.max_connections as u32;
         let _ = tokio::time::timeout(
             shared.config.shutdown_timeout,
             connections.acquire_many(max),
         )
         .await;
-        let s = shared.clone();
+        watching.store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = watchdog.join();
         let _ = tokio::task::spawn_blocking(move || {
-            s.audit.lifecycle("stop", serde_json::json!({}));
-            s.audit.close();
+            shared.audit.lifecycle("stop", serde_json::json!({}));
+            shared.audit.close();
         })
         .await;
         Ok(())
@@ -505,52 +674,97 @@ pub(crate) fn connection_permit(
     permit
 }
 
-async fn accept_tcp(l: TcpListener, shared: Arc<Shared>, connections: Arc<Semaphore>) {
-    loop {
-        match l.accept().await {
-            Ok((stream, peer)) => {
-                let Some(permit) = connection_permit(&shared, &connections) else {
-                    continue;
-                };
-                if !allowed(&shared, peer.ip()) {
-                    drop(stream);
-                    continue;
+/// What an accept loop needs: where connections go, their cap, and when to stop.
+struct Accepting {
+    live: Arc<Live>,
+    connections: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Accepting {
+    /// Serves `stream` on a task of its own, unless the connection cap is reached or its
+    /// TCP peer is not in `allow`.
+    fn serve<S>(&self, stream: S, peer: Arc<str>, ip: Option<IpAddr>)
+    where
+        S: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + std::os::fd::AsRawFd
+            + Unpin
+            + Send
+            + 'static,
+    {
+        let shared = self.live.current();
+        let Some(permit) = connection_permit(&shared, &self.connections) else {
+            return;
+        };
+        if ip.is_some_and(|ip| !allowed(&shared, ip)) {
+            return;
+        }
+        let live = self.live.clone();
+        tokio::spawn(async move {
+            crate::conn::serve(stream, peer, live).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn accept_tcp(l: TcpListener, mut a: Accepting) {
+    let what = format!("{:?}", l.local_addr().ok());
+    while !*a.stop.borrow() {
+        tokio::select! {
+            r = l.accept() => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    a.serve(stream, Arc::from(peer.ip().to_string()), Some(peer.ip()));
                 }
-                let _ = stream.set_nodelay(true);
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    crate::conn::serve(stream, Arc::from(peer.ip().to_string()), shared).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                tracing::warn!("accept on {:?}: {e}", l.local_addr().ok());
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
+                Err(e) => backoff(&mut a.stop, &what, e).await,
+            },
+            _ = a.stop.changed() => {}
+        }
+    }
+    // Connections the kernel completed before the stop: their clients may already have
+    // sent a request, which must be answered.
+    let Ok(l) = l.into_std() else { return };
+    while let Ok((stream, peer)) = l.accept() {
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream));
+        if let Ok(stream) = stream {
+            let _ = stream.set_nodelay(true);
+            a.serve(stream, Arc::from(peer.ip().to_string()), Some(peer.ip()));
         }
     }
 }
 
-async fn accept_unix(l: UnixListener, shared: Arc<Shared>, connections: Arc<Semaphore>) {
+async fn accept_unix(l: UnixListener, mut a: Accepting) {
     let peer: Arc<str> = Arc::from("unix");
-    loop {
-        match l.accept().await {
-            Ok((stream, _)) => {
-                let Some(permit) = connection_permit(&shared, &connections) else {
-                    continue;
-                };
-                let shared = shared.clone();
-                let peer = peer.clone();
-                tokio::spawn(async move {
-                    crate::conn::serve(stream, peer, shared).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                tracing::warn!("accept on a unix socket: {e}");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
+    while !*a.stop.borrow() {
+        tokio::select! {
+            r = l.accept() => match r {
+                Ok((stream, _)) => a.serve(stream, peer.clone(), None),
+                Err(e) => backoff(&mut a.stop, "a unix socket", e).await,
+            },
+            _ = a.stop.changed() => {}
         }
+    }
+    let Ok(l) = l.into_std() else { return };
+    while let Ok((stream, _)) = l.accept() {
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(stream));
+        if let Ok(stream) = stream {
+            a.serve(stream, peer.clone(), None);
+        }
+    }
+}
+
+/// After an accept error (descriptors exhausted, ...): says it and waits a little, so the
+/// loop neither spins nor gives up; a stop ends the wait.
+async fn backoff(stop: &mut watch::Receiver<bool>, what: &str, e: std::io::Error) {
+    tracing::warn!("accept on {what}: {e}");
+    tokio::select! {
+        _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+        _ = stop.changed() => {}
     }
 }
 
@@ -562,22 +776,32 @@ async fn accept_unix(l: UnixListener, shared: Arc<Shared>, connections: Arc<Sema
 /// milliseconds, which wakes an idle runtime thread (that then polls the driver).
 fn watch_driver(
     handle: tokio::runtime::Handle,
-    shared: Arc<Shared>,
+    lua_slots: Arc<Semaphore>,
+    workers: usize,
     watching: Arc<std::sync::atomic::AtomicBool>,
 ) {
     while watching.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(DRIVER_WATCH_INTERVAL);
-        if shared.lua_slots.available_permits() < shared.config.workers {
+        if lua_slots.available_permits() < workers {
             handle.spawn(async {});
         }
     }
 }
 
-async fn sweep(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.config.sweep);
+/// Every `sweep`, on the configuration current then: notices changed scripts and policy
+/// files, prunes idle tenants and rate-limit keys.
+async fn sweep(live: Arc<Live>) {
+    let mut period = live.current().config.sweep;
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let shared = live.current();
+        if shared.config.sweep != period {
+            period = shared.config.sweep;
+            tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         let s = shared.clone();
         let swept = tokio::task::spawn_blocking(move || {
             s.tenants.prune();

@@ -7,6 +7,7 @@ mod corpus;
 mod fastcgi;
 mod http;
 mod nginx;
+mod operations;
 mod policies;
 mod rates;
 mod scripts;

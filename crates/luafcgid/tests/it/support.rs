@@ -125,12 +125,7 @@ impl Daemon {
     /// Replaces a file under the root atomically (a temporary file renamed over it), so the
     /// daemon's sweeper never reads it half written.
     pub fn write(&self, rel: &str, text: &str) {
-        let p = self.path(rel);
-        let dir = p.parent().unwrap();
-        std::fs::create_dir_all(dir).unwrap();
-        let tmp = dir.join(".luafcgid-test-write");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, p).unwrap();
+        write(&self.path(rel), text);
     }
 
     pub fn client(&self) -> Client {
@@ -341,12 +336,23 @@ impl Client {
         }
     }
 
+    /// Sends `bytes`; an error (the peer closed) is given, not a panic.
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
     /// Reads records until END_REQUEST of `id`; records of other ids are an error.
     pub fn response(&mut self, id: u16) -> Response {
+        self.try_response(id)
+            .expect("connection closed before END_REQUEST")
+    }
+
+    /// [`Client::response`], or `None` when the connection ends before END_REQUEST.
+    pub fn try_response(&mut self, id: u16) -> Option<Response> {
         let mut stdout = Vec::new();
         let mut r = Response::default();
         loop {
-            match self.reply().expect("connection closed before END_REQUEST") {
+            match self.reply()? {
                 Reply::Stdout { id: rid, data } => {
                     assert_eq!(rid, id);
                     if !data.is_empty() {
@@ -373,7 +379,7 @@ impl Client {
         r.status = status;
         r.headers = headers;
         r.body = body;
-        r
+        Some(r)
     }
 
     /// True when the peer closed the connection (EOF or reset) within the read timeout.
@@ -411,6 +417,23 @@ pub fn id_of(r: &Response) -> String {
         .to_string()
 }
 
+/// Replaces the file at `p` atomically (a temporary file renamed over it), so a daemon
+/// never reads it half written.
+pub fn write(p: &Path, text: &str) {
+    let dir = p.parent().unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let tmp = dir.join(".luafcgid-test-write");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, p).unwrap();
+}
+
+/// The command that runs `argv` as it is.
+pub fn command_of(argv: Vec<std::ffi::OsString>) -> Command {
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..]);
+    c
+}
+
 /// A daemon run from its binary on a unix socket in `dir`, its stderr in `dir/stderr`.
 pub struct Process {
     pub child: Child,
@@ -421,22 +444,41 @@ pub struct Process {
 
 impl Process {
     pub fn start(dir: &Path, log: &Path) -> Process {
+        Self::start_with(dir, log, command_of)
+    }
+
+    /// [`Process::start`], the command built by `wrap` from the daemon's argv (which it may
+    /// extend, or run under another program); stdout and stderr are set afterwards.
+    pub fn start_with(
+        dir: &Path,
+        log: &Path,
+        wrap: impl FnOnce(Vec<std::ffi::OsString>) -> Command,
+    ) -> Process {
         let root = std::fs::canonicalize(dir).unwrap().join("www");
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("hello.lua"), HELLO).unwrap();
         let sock = dir.join("fcgi.sock");
         let stderr = dir.join("stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_luafcgid"))
-            .args(["serve", "--workers", "2", "--docroot"])
-            .arg(&root)
-            .arg("--listen")
-            .arg(&sock)
-            .arg("--log")
-            .arg(log)
+        let argv: Vec<std::ffi::OsString> = [
+            env!("CARGO_BIN_EXE_luafcgid").as_ref(),
+            "serve".as_ref(),
+            "--workers".as_ref(),
+            "2".as_ref(),
+            "--docroot".as_ref(),
+            root.as_os_str(),
+            "--listen".as_ref(),
+            sock.as_os_str(),
+            "--log".as_ref(),
+            log.as_os_str(),
+        ]
+        .iter()
+        .map(|a: &&std::ffi::OsStr| a.to_os_string())
+        .collect();
+        let mut command = wrap(argv);
+        command
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        let child = command.spawn().unwrap();
         let mut p = Process {
             child,
             sock,

@@ -1,0 +1,347 @@
+//! Operating the daemon from its binary: SIGHUP reloads the configuration and SIGTERM
+//! drains, both while clients keep sending requests; accept errors when descriptors run
+//! out are waited out and served through afterwards.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::support::{params_for, requests, write, Client, Process};
+
+/// Most time any wait in these tests may take.
+const BOUND: Duration = Duration::from_secs(30);
+
+/// What one request of the load got.
+#[derive(Debug, Clone)]
+struct Sent {
+    /// When its last byte was written.
+    written: Instant,
+    /// The response, if one came whole.
+    answer: Option<(u16, String, Option<String>)>,
+}
+
+/// Clients sending `script` over their own unix connections until `stop` (or a bound on
+/// count and time); `fresh` clients open a connection per request, the others keep theirs.
+/// A client whose connection ends opens a new one; it stops when the socket is gone.
+struct Load {
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<Vec<Vec<Sent>>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(sock: &Path, script: &str, keep: usize, fresh: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(vec![Vec::new(); keep + fresh]));
+        let threads = (0..keep + fresh)
+            .map(|i| {
+                let (sock, stop, results) = (sock.to_path_buf(), stop.clone(), results.clone());
+                let params = params_for(script, "GET", &[]);
+                let keep_conn = i < keep;
+                std::thread::spawn(move || {
+                    let bytes = Client::encode(1, keep_conn, &params, b"");
+                    let started = Instant::now();
+                    let mut client: Option<Client> = None;
+                    for _ in 0..200_000 {
+                        if stop.load(Ordering::Relaxed) || started.elapsed() > BOUND {
+                            return;
+                        }
+                        if client.is_none() {
+                            match UnixStream::connect(&sock) {
+                                Ok(s) => client = Some(Client::new(Box::new(s))),
+                                Err(_) => return,
+                            }
+                        }
+                        let c = client.as_mut().unwrap();
+                        if c.try_send(&bytes).is_err() {
+                            client = None;
+                            continue;
+                        }
+                        let written = Instant::now();
+                        let answer = c.try_response(1).map(|r| {
+                            let generation = r.header("X-Generation").map(str::to_string);
+                            (r.status, r.text(), generation)
+                        });
+                        if answer.is_none() || !keep_conn {
+                            client = None;
+                        }
+                        results.lock().unwrap()[i].push(Sent { written, answer });
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            results,
+            threads,
+        }
+    }
+
+    /// Requests answered so far.
+    fn answered(&self) -> usize {
+        let r = self.results.lock().unwrap();
+        r.iter().flatten().filter(|s| s.answer.is_some()).count()
+    }
+
+    /// Waits (bounded) until `done` holds of the results.
+    fn wait_for(&self, what: &str, done: impl Fn(&[Vec<Sent>]) -> bool) {
+        let t = Instant::now();
+        while !done(&self.results.lock().unwrap()) {
+            assert!(t.elapsed() < BOUND, "the load never saw {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Stops the clients and gives what each sent.
+    fn finish(self) -> Vec<Vec<Sent>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        Arc::try_unwrap(self.results).unwrap().into_inner().unwrap()
+    }
+}
+
+fn audit_lines(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn has_event(log: &Path, event: &str) -> bool {
+    audit_lines(log).iter().any(|l| l["event"] == event)
+}
+
+/// Waits (bounded) until the audit log holds `event`.
+fn wait_for_event(log: &Path, event: &str) {
+    let t = Instant::now();
+    while !has_event(log, event) {
+        assert!(t.elapsed() < BOUND, "no {event} event in the audit log");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn daemon_with_config(dir: &Path, log: &Path, config: &Path) -> Process {
+    let config = config.to_path_buf();
+    Process::start_with(dir, log, move |mut argv| {
+        argv.push("--config".into());
+        argv.push(config.into());
+        crate::support::command_of(argv)
+    })
+}
+
+fn hello_path(p: &Process) -> String {
+    p.root.join("hello.lua").display().to_string()
+}
+
+#[test]
+fn sighup_reloads_the_config_under_load_without_dropping_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let config: PathBuf = dir.path().join("luafcgid.toml");
+    write(&config, "headers = [\"X-Generation: one\"]\n");
+    let p = daemon_with_config(dir.path(), &log, &config);
+    let load = Load::start(&p.sock, &hello_path(&p), 4, 1);
+    load.wait_for("answers", |r| r.iter().flatten().count() >= 50);
+
+    write(&config, "headers = [\"X-Generation: two\"]\n");
+    p.signal("HUP");
+    load.wait_for("the reloaded header on every keep-alive connection", |r| {
+        r.iter().all(|c| {
+            c.last()
+                .and_then(|s| s.answer.as_ref())
+                .is_some_and(|a| a.2.as_deref() == Some("two"))
+        })
+    });
+    wait_for_event(&log, "config_loaded");
+
+    // A config that does not validate is refused; the running one stays.
+    write(&config, "workers = \"many\"\n");
+    p.signal("HUP");
+    wait_for_event(&log, "config_rejected");
+    let before = load.answered();
+    load.wait_for("answers after the refused reload", |r| {
+        r.iter().flatten().filter(|s| s.answer.is_some()).count() >= before + 50
+    });
+
+    let sent = load.finish();
+    for (i, conn) in sent.iter().enumerate() {
+        let mut seen_two = false;
+        for s in conn {
+            let (status, body, generation) = s.answer.as_ref().unwrap_or_else(|| {
+                panic!("client {i}: a request went unanswered across the reload")
+            });
+            assert_eq!((*status, body.as_str()), (200, "Hello World"));
+            match generation.as_deref() {
+                Some("one") => assert!(!seen_two, "client {i}: back to the old config"),
+                Some("two") => seen_two = true,
+                other => panic!("client {i}: X-Generation {other:?}"),
+            }
+        }
+        assert!(seen_two, "client {i} never saw the reloaded config");
+    }
+    let answered: usize = sent.iter().map(Vec::len).sum();
+    let stderr = p.stop();
+    assert!(stderr.contains("reload refused"), "{stderr}");
+    let lines = audit_lines(&log);
+    assert_eq!(
+        requests(&lines).len(),
+        answered,
+        "one audit line per request"
+    );
+    let rejected = lines
+        .iter()
+        .find(|l| l["event"] == "config_rejected")
+        .unwrap();
+    assert!(
+        rejected["message"]
+            .as_str()
+            .unwrap()
+            .contains("luafcgid.toml:1: invalid type"),
+        "{rejected}"
+    );
+}
+
+#[test]
+fn sighup_keeps_keys_that_need_a_restart_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let config: PathBuf = dir.path().join("luafcgid.toml");
+    write(&config, "max_connections = 100\n");
+    let p = daemon_with_config(dir.path(), &log, &config);
+    p.hello();
+    write(&config, "max_connections = 50\n");
+    p.signal("HUP");
+    wait_for_event(&log, "config_loaded");
+    p.hello();
+    let lines = audit_lines(&log);
+    let loaded = lines
+        .iter()
+        .find(|l| l["event"] == "config_loaded")
+        .unwrap();
+    assert_eq!(
+        loaded["restart_needed"],
+        serde_json::json!(["max_connections"])
+    );
+    let stderr = p.stop();
+    assert!(stderr.contains("`max_connections` changed"), "{stderr}");
+}
+
+#[test]
+fn sigterm_under_load_answers_every_request_sent_before_it() {
+    // Each round is a fresh daemon signalled at a different moment of its load.
+    for _ in 0..4 {
+        sigterm_round();
+    }
+}
+
+fn sigterm_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let p = Process::start(dir.path(), &log);
+    // Slow enough that requests are in Lua and queued when the signal comes.
+    let slow = p.root.join("slow.lua");
+    write(
+        &slow,
+        "function handler() local x = 0 for i = 1, 100000 do x = x + i end return 'done' end",
+    );
+    let load = Load::start(&p.sock, &slow.display().to_string(), 8, 8);
+    load.wait_for("answers", |r| {
+        r.iter().flatten().filter(|s| s.answer.is_some()).count() >= 30
+    });
+    let signalled = Instant::now();
+    let sock = p.sock.clone();
+    let stderr = p.stop();
+    let sent = load.finish();
+    let mut before = 0;
+    for s in sent.iter().flatten() {
+        if s.written < signalled {
+            before += 1;
+            let (status, body, _) = s
+                .answer
+                .as_ref()
+                .expect("a request sent before SIGTERM went unanswered");
+            assert_eq!((*status, body.as_str()), (200, "done"));
+        }
+    }
+    assert!(before >= 30);
+    assert!(!sock.exists(), "{stderr}");
+    let answered = sent.iter().flatten().filter(|s| s.answer.is_some()).count();
+    let lines = audit_lines(&log);
+    let logged = requests(&lines);
+    let ok = logged.iter().filter(|l| l["outcome"] == "ok").count();
+    assert_eq!(ok, answered, "every answered request has its line");
+    assert_eq!(lines.last().unwrap()["event"], "stop");
+}
+
+#[test]
+fn accept_errors_when_descriptors_run_out_back_off_and_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    // A hard limit the daemon cannot raise.
+    let p = Process::start_with(dir.path(), &log, |argv| {
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg("ulimit -n 64 && exec \"$@\"")
+            .arg("sh")
+            .args(argv);
+        c
+    });
+    p.hello();
+    let base_ticks = p.cpu_ticks();
+    // Far more connections than descriptors: the daemon takes what it can, the rest wait
+    // in its backlog while its accepts fail.
+    let mut held: Vec<Client> = (0..120)
+        .map(|_| Client::new(Box::new(UnixStream::connect(&p.sock).unwrap())))
+        .collect();
+    let t = Instant::now();
+    while !std::fs::read_to_string(&p.stderr)
+        .unwrap()
+        .contains("accept on")
+    {
+        assert!(t.elapsed() < BOUND, "no accept error was reported");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A second of exhaustion: back-off, not a busy loop (which would take ~100 ticks).
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = p.cpu_ticks() - base_ticks;
+    assert!(spent < 30, "{spent} ticks while descriptors were exhausted");
+    let warnings = std::fs::read_to_string(&p.stderr)
+        .unwrap()
+        .matches("accept on")
+        .count();
+    assert!(
+        warnings < 100,
+        "{warnings} accept warnings in about a second"
+    );
+
+    // A connection it took is answered: 503 with Retry-After while the script cannot be
+    // opened (a passing shortage, not a 403 that would be cached); once the other
+    // connections go, new ones are served.
+    let hello = hello_path(&p);
+    let r = held[0].get(&hello);
+    assert_eq!((r.status, r.header("Retry-After")), (503, Some("1")));
+    held.truncate(1);
+    drop(held);
+    let t = Instant::now();
+    loop {
+        let mut c = Client::new(Box::new(UnixStream::connect(&p.sock).unwrap()));
+        c.try_send(&Client::encode(
+            1,
+            false,
+            &params_for(&hello, "GET", &[]),
+            b"",
+        ))
+        .unwrap();
+        if let Some(r) = c.try_response(1) {
+            assert_eq!(r.text(), "Hello World");
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "the daemon did not recover");
+    }
+    p.stop();
+}
