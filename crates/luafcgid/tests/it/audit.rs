@@ -63,7 +63,7 @@ struct Field {
 
 /// The tables of docs/audit-log.md.
 #[derive(Debug, Default)]
-struct Schema {
+pub(crate) struct Schema {
     common: Vec<Field>,
     request: Vec<Field>,
     lifecycle: BTreeMap<String, Vec<Field>>,
@@ -80,7 +80,7 @@ fn field(name: &str, types: &str) -> Field {
     }
 }
 
-fn schema() -> Schema {
+pub(crate) fn schema() -> Schema {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/audit-log.md");
     let text = std::fs::read_to_string(path).unwrap();
     let mut schema = Schema::default();
@@ -277,7 +277,7 @@ fn check_line(schema: &Schema, raw: &str) -> Value {
 }
 
 /// Every line of a log file, each checked.
-fn check_file(schema: &Schema, path: &Path) -> Vec<Value> {
+pub(crate) fn check_file(schema: &Schema, path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
     assert!(text.is_empty() || text.ends_with('\n'), "a cut last line");
     text.lines().map(|l| check_line(schema, l)).collect()
@@ -320,6 +320,8 @@ fn the_documented_schema_is_well_formed() {
         "log_dropped",
         "policy_loaded",
         "policy_rejected",
+        "config_loaded",
+        "config_rejected",
     ] {
         assert!(events.contains(&e), "{events:?}");
     }
