@@ -22,3 +22,4 @@ pub mod render;
 pub mod request_id;
 pub mod resolve;
 pub mod server;
+pub mod system;

@@ -13,6 +13,7 @@ use luafcgid::cli::{
 use luafcgid::config::Overrides;
 use luafcgid::config::RawConfig;
 use luafcgid::server::{Live, Server};
+use luafcgid::system::Identity;
 use luafcgid_policy::{PolicyTree, Problem};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -189,6 +190,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // Checked before anything is bound, as the rest of the config.
+    let identity = match Identity::lookup(config.user.as_deref(), config.group.as_deref()) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("luafcgid: {origin}: user/group: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
+    };
     if args.check {
         let problems = policy_problems(&policy_tree(&config), None);
         print_problems(&problems);
@@ -199,17 +208,19 @@ fn serve(args: ServeArgs) -> ExitCode {
         println!("{origin}: ok");
         return ExitCode::SUCCESS;
     }
-    for (set, what) in [
-        (config.metrics.is_some(), "`metrics` (the metrics listener)"),
-        (
-            config.user.is_some() || config.group.is_some(),
-            "`user`/`group` (privilege drop)",
-        ),
-    ] {
-        if set {
-            tracing::warn!("{what} is accepted but not enforced by this version");
-        }
+    if config.metrics.is_some() {
+        tracing::warn!(
+            "`metrics` (the metrics listener) is accepted but not enforced by this version"
+        );
     }
+    // Taken before any thread starts (the variables are removed from the environment).
+    let inherited = match luafcgid::system::inherited_listeners() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("luafcgid: socket activation: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let file = args.config.clone();
     let overrides = args.overrides();
     let reread = move || {
@@ -220,7 +231,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             (origin, e)
         })
     };
-    match run(config, reread) {
+    let start = Start {
+        config,
+        identity,
+        inherited,
+    };
+    match run(start, reread) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("luafcgid: {e:#}");
@@ -233,15 +249,24 @@ fn serve(args: ServeArgs) -> ExitCode {
 type Reread =
     dyn Fn() -> Result<(luafcgid::config::Config, String), (String, String)> + Send + Sync;
 
-fn run(
+/// What the daemon starts with.
+struct Start {
     config: luafcgid::config::Config,
+    /// Who to run as once the sockets are bound.
+    identity: Option<Identity>,
+    /// Listening sockets from the service manager, in place of `listen`.
+    inherited: Vec<luafcgid::system::Inherited>,
+}
+
+fn run(
+    start: Start,
     reread: impl Fn() -> Result<(luafcgid::config::Config, String), (String, String)>
         + Send
         + Sync
         + 'static,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(luafcgid::server::runtime_threads(config.workers))
+        .worker_threads(luafcgid::server::runtime_threads(start.config.workers))
         .thread_stack_size(luafcgid::server::THREAD_STACK)
         .thread_name("luafcgid")
         .enable_all()
@@ -256,10 +281,27 @@ fn run(
         let hup = signal(SignalKind::hangup());
         let shutdown = shutdown_signal();
         let limits = luafcgid::server::process_limits();
-        let server = Server::bind(config).await?.with_process_limits(limits);
+        let server = Server::bind_with(start.config, start.inherited)
+            .await?
+            .with_process_limits(limits);
         for a in server.local_addrs() {
             tracing::info!("FastCGI on {a}");
         }
+        if let Some(identity) = &start.identity {
+            for socket in server.created_sockets() {
+                identity
+                    .own(&socket)
+                    .with_context(|| format!("giving {} to {}", socket.display(), identity.user))?;
+            }
+            identity.assume().map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                "running as user {} (uid {}, gid {})",
+                identity.user,
+                identity.uid,
+                identity.gid
+            );
+        }
+        luafcgid::system::notify("READY=1");
         if let Some(h) = server.http_addr() {
             tracing::info!("HTTP (development) on http://{h}/");
         }
@@ -298,6 +340,7 @@ async fn reload_on_sighup(hup: std::io::Result<Signal>, live: Arc<Live>, reread:
     while hup.recv().await.is_some() {
         let live = live.clone();
         let reread = reread.clone();
+        luafcgid::system::notify("RELOADING=1");
         let _ = tokio::task::spawn_blocking(move || match reread() {
             Ok((config, origin)) => {
                 if live.reload(config, &origin).is_ok() {
@@ -307,6 +350,7 @@ async fn reload_on_sighup(hup: std::io::Result<Signal>, live: Arc<Live>, reread:
             Err((origin, message)) => live.reject(&origin, &message),
         })
         .await;
+        luafcgid::system::notify("READY=1");
     }
 }
 
@@ -326,6 +370,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+        luafcgid::system::notify("STOPPING=1");
         tracing::info!("shutting down");
     }
 }

@@ -421,7 +421,9 @@ impl Live {
 
 enum Bound {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    /// A unix listener and, when the daemon created its socket file (not inherited), the
+    /// path to remove at exit.
+    Unix(UnixListener, Option<PathBuf>),
 }
 
 /// A bound, not yet running server.
@@ -491,14 +493,32 @@ async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 impl Server {
     /// Binds every listener and starts the Lua workers. Must run inside a tokio runtime.
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
+        Server::bind_with(config, Vec::new()).await
+    }
+
+    /// [`Server::bind`], except that listening sockets handed over by a service manager,
+    /// when there are any, replace the configured `listen` addresses. Their socket files
+    /// are not the daemon's to remove.
+    pub async fn bind_with(
+        config: Config,
+        inherited: Vec<crate::system::Inherited>,
+    ) -> Result<Server, ServeError> {
         let mut listeners = Vec::new();
-        for l in &config.listen {
-            match l {
-                ListenAddr::Tcp(a) => listeners.push(Bound::Tcp(bind_tcp(*a).await?)),
-                ListenAddr::Unix(p) => {
-                    listeners.push(Bound::Unix(bind_unix(p, config.socket_mode)?, p.clone()))
-                }
+        if inherited.is_empty() {
+            for l in &config.listen {
+                listeners.push(match l {
+                    ListenAddr::Tcp(a) => Bound::Tcp(bind_tcp(*a).await?),
+                    ListenAddr::Unix(p) => {
+                        Bound::Unix(bind_unix(p, config.socket_mode)?, Some(p.clone()))
+                    }
+                });
             }
+        }
+        for l in inherited {
+            listeners.push(match l {
+                crate::system::Inherited::Tcp(t) => Bound::Tcp(TcpListener::from_std(t)?),
+                crate::system::Inherited::Unix(u) => Bound::Unix(UnixListener::from_std(u)?, None),
+            });
         }
         let http = match config.http {
             Some(a) => Some(bind_tcp(a).await?),
@@ -527,7 +547,21 @@ impl Server {
             .iter()
             .filter_map(|l| match l {
                 Bound::Tcp(t) => t.local_addr().ok().map(ListenAddr::Tcp),
-                Bound::Unix(_, p) => Some(ListenAddr::Unix(p.clone())),
+                Bound::Unix(u, _) => u
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(|p| ListenAddr::Unix(p.to_path_buf()))),
+            })
+            .collect()
+    }
+
+    /// The unix socket files the daemon created (and removes at exit).
+    pub fn created_sockets(&self) -> Vec<PathBuf> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match l {
+                Bound::Unix(_, p) => p.clone(),
+                Bound::Tcp(_) => None,
             })
             .collect()
     }
@@ -564,11 +598,21 @@ impl Server {
         let (stop_accepting, stop) = watch::channel(false);
         let mut accept_tasks = Vec::new();
         let mut sockets = Vec::new();
+        let listening: Vec<String> = listeners
+            .iter()
+            .filter_map(|l| match l {
+                Bound::Tcp(t) => t.local_addr().ok().map(|a| a.to_string()),
+                Bound::Unix(u, _) => u.local_addr().ok().map(|a| match a.as_pathname() {
+                    Some(p) => p.display().to_string(),
+                    None => "unix (unnamed)".to_string(),
+                }),
+            })
+            .collect();
         shared.audit.lifecycle(
             "start",
             serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
-                "listen": shared.config.listen.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+                "listen": listening,
                 "workers": shared.config.workers,
                 "states": shared.config.states,
                 "nofile": limits.and_then(|l| l.nofile),
@@ -584,7 +628,7 @@ impl Server {
             match l {
                 Bound::Tcp(t) => accept_tasks.push(tokio::spawn(accept_tcp(t, accepting))),
                 Bound::Unix(u, p) => {
-                    sockets.push(p);
+                    sockets.extend(p);
                     accept_tasks.push(tokio::spawn(accept_unix(u, accepting)))
                 }
             }
@@ -620,7 +664,9 @@ impl Server {
         sweeper.abort();
         let _ = shutdown_tx.send(true);
         for p in &sockets {
-            let _ = std::fs::remove_file(p);
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!("cannot remove the socket {}: {e}", p.display());
+            }
         }
         // Every connection holds a permit: all of them back means all connections ended.
         let shared = live.current();

@@ -346,3 +346,172 @@ fn accept_errors_when_descriptors_run_out_back_off_and_recover() {
     }
     p.stop();
 }
+
+#[test]
+fn listens_on_a_socket_handed_over_by_systemd_and_leaves_it_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    // systemd's own tool binds the daemon's `--listen` path itself, then runs the daemon
+    // with it as descriptor 3 (LISTEN_FDS=1) on the first connection. Were the daemon to
+    // bind `--listen` too, it would find the path in use and refuse to start.
+    let p = Process::start_with(dir.path(), &log, |argv| {
+        let mut c = std::process::Command::new("systemd-socket-activate");
+        let sock = argv
+            .iter()
+            .skip_while(|a| *a != "--listen")
+            .nth(1)
+            .unwrap()
+            .clone();
+        c.arg("-l").arg(sock).args(argv);
+        c
+    });
+    p.hello();
+    let r = Client::new(Box::new(UnixStream::connect(&p.sock).unwrap())).get(&hello_path(&p));
+    assert_eq!((r.status, r.text().as_str()), (200, "Hello World"));
+    let sock = p.sock.clone();
+    let stderr = p.stop();
+    assert!(
+        sock.exists(),
+        "an inherited socket is not the daemon's to remove: {stderr}"
+    );
+    let lines = audit_lines(&log);
+    let start = lines.iter().find(|l| l["event"] == "start").unwrap();
+    assert_eq!(
+        start["listen"],
+        serde_json::json!([sock.display().to_string()])
+    );
+    assert_eq!(requests(&lines).len(), 2);
+}
+
+#[test]
+fn tells_the_service_manager_ready_reloading_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let notify_path = dir.path().join("notify");
+    let manager = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    manager.set_read_timeout(Some(BOUND)).unwrap();
+    let given = notify_path.clone();
+    let p = Process::start_with(dir.path(), &log, move |argv| {
+        let mut c = crate::support::command_of(argv);
+        c.env("NOTIFY_SOCKET", &given);
+        c
+    });
+    let next = || {
+        let mut buf = [0u8; 256];
+        let n = manager
+            .recv(&mut buf)
+            .expect("a notification within the bound");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    p.hello();
+    p.signal("HUP");
+    assert_eq!(next(), "RELOADING=1");
+    assert_eq!(next(), "READY=1");
+    p.hello();
+    let sock = p.sock.clone();
+    p.stop();
+    assert_eq!(next(), "STOPPING=1");
+    assert!(!sock.exists());
+}
+
+/// The uid and gid lines of /proc/PID/status: (real, effective, saved, fs) each.
+fn ids_of(pid: u32) -> (Vec<u32>, Vec<u32>) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> Vec<u32> {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..]
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+#[test]
+fn gives_up_root_for_the_configured_user_after_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let config: PathBuf = dir.path().join("luafcgid.toml");
+    write(&config, "user = \"nobody\"\ngroup = \"nogroup\"\n");
+    // SAFETY-free way to know who runs the tests: the owner of a file just made.
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata(&config).unwrap().uid();
+    if me != 0 {
+        // Without root the daemon refuses to start rather than run as someone unexpected.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_luafcgid"))
+            .args(["serve", "--listen"])
+            .arg(dir.path().join("s.sock"))
+            .arg("--docroot")
+            .arg(dir.path())
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not started as root"));
+        return;
+    }
+    // The daemon must be able to read its scripts and remove its socket as nobody.
+    use std::os::unix::fs::PermissionsExt;
+    let nobody = std::process::Command::new("id")
+        .args(["-u", "nobody"])
+        .output()
+        .unwrap();
+    let nobody: u32 = String::from_utf8_lossy(&nobody.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(nobody), None).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let p = daemon_with_config(dir.path(), &log, &config);
+    std::fs::set_permissions(&p.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        p.root.join("hello.lua"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    // Bound as root first: the socket exists; then the identity switches.
+    let t = Instant::now();
+    loop {
+        let (uid, _) = ids_of(p.child.id());
+        if uid.iter().all(|u| *u == nobody) {
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "still {uid:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (_, gid) = ids_of(p.child.id());
+    assert!(gid.iter().all(|g| *g == gid[0] && *g != 0), "{gid:?}");
+    p.hello();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    let groups = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
+    assert!(!groups.split_whitespace().any(|g| g == "0"), "{groups}");
+    let sock = p.sock.clone();
+    let stderr = p.stop();
+    assert!(!sock.exists(), "removed as the unprivileged user: {stderr}");
+}
+
+#[test]
+fn an_unknown_user_is_a_config_error_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("luafcgid.toml");
+    write(&config, "user = \"no-such-user-here\"\n");
+    let sock = dir.path().join("s.sock");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_luafcgid"))
+        .args(["serve", "--listen"])
+        .arg(&sock)
+        .arg("--docroot")
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no user named \"no-such-user-here\""),
+        "{stderr}"
+    );
+    assert!(!sock.exists());
+}
