@@ -515,3 +515,25 @@ fn an_unknown_user_is_a_config_error_before_binding() {
     );
     assert!(!sock.exists());
 }
+
+#[test]
+fn the_example_systemd_units_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/systemd");
+    let mut units = Vec::new();
+    for name in ["luafcgid.socket", "luafcgid.service"] {
+        let text = std::fs::read_to_string(examples.join(name)).unwrap();
+        // The unit names the installed binary; this build's stands in for it.
+        let text = text.replace("/usr/local/bin/luafcgid", env!("CARGO_BIN_EXE_luafcgid"));
+        let unit = dir.path().join(name);
+        std::fs::write(&unit, text).unwrap();
+        units.push(unit);
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&units)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
