@@ -104,8 +104,8 @@ pub(crate) struct Budget {
     vm: OnceLock<VmBudget>,
     /// When the current run started, in nanoseconds since `epoch`.
     started: AtomicU64,
-    /// The nice value to give the thread back at the end of the run, plus 100 (0: the
-    /// thread's priority was not lowered; nice values lie in -20..=19).
+    /// The scheduling policy to give the thread back at the end of the run, plus 100 (0:
+    /// the thread's priority was not lowered).
     lowered: AtomicI64,
     /// Instruction budget; `u64::MAX` = none.
     instructions: AtomicU64,
@@ -289,8 +289,8 @@ impl Budget {
         if self.lowered.load(Relaxed) == 0
             && now.saturating_sub(self.started.load(Relaxed)) > LONG_RUN.as_nanos() as u64
         {
-            if let Some(nice) = crate::vm::lower_thread_priority() {
-                self.lowered.store(i64::from(nice) + 100, Relaxed);
+            if let Some(policy) = crate::vm::lower_thread_priority() {
+                self.lowered.store(i64::from(policy) + 100, Relaxed);
             }
         }
         let grant = self.next_grant(self.counted.load(Relaxed));

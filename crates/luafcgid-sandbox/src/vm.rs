@@ -258,24 +258,19 @@ fn watch() {
     }
 }
 
-/// How much a thread's nice value is raised while it runs a long request.
-const LONG_RUN_NICE: libc::c_int = 10;
-
-/// Whether this process can lower a thread's nice value again after raising it (root, or
-/// an `RLIMIT_NICE` that allows it), found once on a throwaway thread. Without it, a long
-/// run keeps its priority: raising it for good would slow every later request of that
-/// thread.
+/// Whether this process can take a thread out of `SCHED_IDLE` again (root, or an
+/// `RLIMIT_NICE` that allows its nice value), found once on a throwaway thread. Without it,
+/// a long run keeps its priority: lowering it for good would slow every later request of
+/// that thread.
 fn can_restore_priority() -> bool {
     static CAN: OnceLock<bool> = OnceLock::new();
     *CAN.get_or_init(|| {
         std::thread::Builder::new()
-            .name("luafcgid-nice-probe".into())
+            .name("luafcgid-sched-probe".into())
             .spawn(|| {
                 let tid = current_tid();
-                let Some(nice) = thread_nice(tid) else {
-                    return false;
-                };
-                set_thread_nice(tid, (nice + 1).min(19)) && set_thread_nice(tid, nice)
+                set_thread_policy(tid, libc::SCHED_IDLE)
+                    && set_thread_policy(tid, libc::SCHED_OTHER)
             })
             .ok()
             .and_then(|h| h.join().ok())
@@ -283,39 +278,38 @@ fn can_restore_priority() -> bool {
     })
 }
 
-fn current_tid() -> libc::id_t {
+fn current_tid() -> libc::pid_t {
     // SAFETY: gettid has no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::pid_t }
 }
 
-fn thread_nice(tid: libc::id_t) -> Option<libc::c_int> {
-    // getpriority may return -1 as a value: clear errno first and check it after.
-    // SAFETY: errno is thread-local; getpriority only reads.
-    unsafe {
-        *libc::__errno_location() = 0;
-        let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
-        (*libc::__errno_location() == 0).then_some(nice)
-    }
+fn set_thread_policy(tid: libc::pid_t, policy: libc::c_int) -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes the scheduling policy of one of this process's threads; `param` is
+    // valid for the call.
+    unsafe { libc::sched_setscheduler(tid, policy, &param) == 0 }
 }
 
-fn set_thread_nice(tid: libc::id_t, nice: libc::c_int) -> bool {
-    // SAFETY: changes the scheduling priority of one of this process's threads.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0 }
-}
-
-/// Lowers the calling thread's CPU priority while it runs a long request, so the short
-/// requests of other threads (other tenants, the front end) get the CPU first when they
-/// wake up. Returns the nice value to restore, or `None` when nothing was changed.
+/// Lowers the calling thread's CPU priority while it runs a long request: `SCHED_IDLE`, so
+/// it runs only on a CPU nothing else wants, and any other thread that wakes up (another
+/// tenant's short request, the front end, the web server) takes that CPU at once, where a
+/// higher nice value would still leave it time slices of milliseconds. Returns the policy to
+/// restore, or `None` when nothing was changed (a thread not under the normal policy is
+/// left alone).
 pub(crate) fn lower_thread_priority() -> Option<i32> {
     if !can_restore_priority() {
         return None;
     }
     let tid = current_tid();
-    let nice = thread_nice(tid)?;
-    set_thread_nice(tid, (nice + LONG_RUN_NICE).min(19)).then_some(nice)
+    // SAFETY: reads the policy of one of this process's threads.
+    let policy = unsafe { libc::sched_getscheduler(tid) };
+    if policy != libc::SCHED_OTHER {
+        return None;
+    }
+    set_thread_policy(tid, libc::SCHED_IDLE).then_some(policy)
 }
 
-/// Gives the calling thread back the nice value `lower_thread_priority` returned.
-pub(crate) fn restore_thread_priority(nice: i32) {
-    let _ = set_thread_nice(current_tid(), nice);
+/// Gives the calling thread back the policy `lower_thread_priority` returned.
+pub(crate) fn restore_thread_priority(policy: i32) {
+    let _ = set_thread_policy(current_tid(), policy);
 }

@@ -294,26 +294,26 @@ fn long_string_rep_is_exact_bounded_and_interruptible() {
     ends_at_the_time_limit(&mut s.state);
 }
 
-/// The nice value of thread `tid` of this process, from /proc.
-fn nice_of(tid: i64) -> i64 {
+/// The scheduling policy of thread `tid` of this process, from /proc.
+fn policy_of(tid: i64) -> i64 {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
-    // Fields after the command (which ends with ')'): state is field 3; nice is field 19.
+    // Fields after the command (which ends with ')'): state is field 3; policy is field 41.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    rest.split(' ').nth(16).unwrap().parse().unwrap()
+    rest.split(' ').nth(38).unwrap().parse().unwrap()
 }
 
 #[test]
 fn a_long_run_gives_up_cpu_priority_until_it_ends() {
-    // Only where the process may raise a thread's priority again (root, or RLIMIT_NICE):
-    // otherwise the daemon leaves priorities alone, and so does this test's check.
+    // Only where the process may take a thread out of SCHED_IDLE again (root, or
+    // RLIMIT_NICE): otherwise the daemon leaves priorities alone, and so does this check.
     let probe = std::thread::spawn(|| {
-        // SAFETY: changes this thread's own priority and puts it back.
+        // SAFETY: changes this thread's own policy and puts it back.
         #[allow(unsafe_code)]
         unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            let before = libc::getpriority(libc::PRIO_PROCESS, tid);
-            libc::setpriority(libc::PRIO_PROCESS, tid, (before + 1).min(19)) == 0
-                && libc::setpriority(libc::PRIO_PROCESS, tid, before) == 0
+            let tid = libc::syscall(libc::SYS_gettid) as libc::pid_t;
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) == 0
+                && libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) == 0
         }
     })
     .join()
@@ -322,34 +322,39 @@ fn a_long_run_gives_up_cpu_priority_until_it_ends() {
     let runner = std::thread::spawn(move || {
         let tid = std::fs::read_link("/proc/thread-self").unwrap();
         let tid: i64 = tid.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        let before = nice_of(tid);
+        let before = policy_of(tid);
         tx.send(tid).unwrap();
         let mut s = load("function handler() local t = os.clock() while os.clock() - t < 0.3 do end return 'done' end");
         let limits = time_only(Duration::from_secs(5));
         let report = Req::default().run(&mut s.state, &limits);
         assert_eq!(body(report), "done");
-        (before, nice_of(tid))
+        (before, policy_of(tid))
     });
     let tid = rx.recv().unwrap();
-    // While the run lasts, its thread's nice value rises (checked until the run ends).
-    let mut highest = nice_of(tid);
+    // While the run lasts, its thread's policy becomes SCHED_IDLE (checked until it ends).
+    let mut seen = vec![policy_of(tid)];
     while !runner.is_finished() {
-        highest = highest.max(nice_of(tid));
+        let p = policy_of(tid);
+        if !seen.contains(&p) {
+            seen.push(p);
+        }
         std::thread::yield_now();
     }
     let (before, after) = runner.join().unwrap();
+    assert_eq!(before, i64::from(libc::SCHED_OTHER));
     assert_eq!(
         after, before,
-        "the priority is given back at the end of the run"
+        "the policy is given back at the end of the run"
     );
     if probe {
         assert!(
-            highest >= before + 5,
-            "nice {before} -> at most {highest} during the run"
+            seen.contains(&i64::from(libc::SCHED_IDLE)),
+            "policies seen during the run: {seen:?}"
         );
     } else {
         assert_eq!(
-            highest, before,
+            seen,
+            [before],
             "nothing changes where it could not be undone"
         );
     }
