@@ -19,10 +19,27 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Signals, environment and exit codes of `serve`, shown after its options.
+const SERVE_AFTER_HELP: &str = "\
+Signals:
+  SIGTERM, SIGINT  stop accepting, answer what was sent, drain (shutdown_timeout_ms), exit 0
+  SIGHUP           reload the config file, policies and scripts; a bad file is refused
+  SIGUSR1          reopen the audit log file (logrotate's postrotate)
+
+Environment:
+  LISTEN_PID, LISTEN_FDS  sockets from systemd socket activation, used instead of --listen
+  NOTIFY_SOCKET           systemd readiness: READY=1, RELOADING=1, STOPPING=1
+  LUAFCGID_LOG            the daemon's own diagnostics on stderr (error, warn, info, debug)
+
+Exit codes: 0 stopped by a signal, 1 could not start (socket in use, log unwritable,
+privilege drop failed), 64 bad command line or config.
+More: docs/operations.md";
+
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve Lua scripts over FastCGI.
+    #[command(after_help = SERVE_AFTER_HELP)]
     Serve(ServeArgs),
     /// Run one request through the same sandbox and policy; print the CGI response (stdout)
     /// and the outcome (stderr, after the request's audit line). Exit 0 when the outcome is

@@ -28,6 +28,11 @@ fn version_and_help() {
         "--sweep-ms",
         "--log",
         "--metrics",
+        "SIGHUP",
+        "SIGUSR1",
+        "LISTEN_FDS",
+        "NOTIFY_SOCKET",
+        "Exit codes",
     ] {
         assert!(help.contains(flag), "help lacks {flag}");
     }
