@@ -159,9 +159,13 @@ pub struct ServeArgs {
     /// Document root; scripts must lie inside one. Repeatable.
     #[arg(long, value_name = "DIR")]
     pub docroot: Vec<PathBuf>,
-    /// Development HTTP listener (host:port), so a page shows without a web server.
+    /// Development HTTP listener (host:port; `:port` is 127.0.0.1), so a page shows without
+    /// a web server. Loopback only, unless --http-public.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<String>,
+    /// Let --http listen on an address other than loopback.
+    #[arg(long = "http-public")]
+    pub http_public: bool,
     /// Lua worker threads (default: number of CPUs).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -190,6 +194,7 @@ impl ServeArgs {
             listen: self.listen.clone(),
             docroot: self.docroot.clone(),
             http: self.http.clone(),
+            http_public: self.http_public,
             workers: self.workers,
             states: self.states,
             clones: self.clones,

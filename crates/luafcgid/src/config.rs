@@ -87,6 +87,26 @@ impl ListenAddr {
     }
 }
 
+/// A development or monitoring listener's address: `host:port`, or `:port` on 127.0.0.1.
+/// Anything but loopback is refused unless `public` (such a listener has no access
+/// control of its own).
+pub fn loopback_unless_public(text: &str, public: bool) -> Result<SocketAddr, String> {
+    let addr = match ListenAddr::parse(text)? {
+        ListenAddr::Tcp(a) if text.trim().starts_with(':') => {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        ListenAddr::Tcp(a) => a,
+        ListenAddr::Unix(_) => return Err("takes host:port, not a socket path".into()),
+    };
+    if !addr.ip().is_loopback() && !public {
+        return Err(format!(
+            "{addr} is not a loopback address; allow it explicitly (http_public = true, or \
+             --http-public) to listen beyond this machine"
+        ));
+    }
+    Ok(addr)
+}
+
 /// `luafcgid.toml` as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,6 +117,7 @@ pub struct RawConfig {
     pub docroot: Option<Vec<PathBuf>>,
     pub extensions: Option<Vec<String>>,
     pub http: Option<String>,
+    pub http_public: Option<bool>,
     pub workers: Option<usize>,
     pub states: Option<usize>,
     pub memory_total: Option<luafcgid_policy::SizeValue>,
@@ -128,6 +149,8 @@ pub struct Overrides {
     pub listen: Vec<String>,
     pub docroot: Vec<PathBuf>,
     pub http: Option<String>,
+    /// `--http-public`: the development listener may bind beyond loopback.
+    pub http_public: bool,
     pub workers: Option<usize>,
     pub states: Option<usize>,
     pub clones: Option<u32>,
@@ -311,14 +334,10 @@ impl RawConfig {
                 return Err(e("extensions", format!("`{x}` must look like `.lua`")));
             }
         }
+        let http_public = o.http_public || self.http_public.unwrap_or(false);
         let http = match o.http.clone().or(self.http) {
             None => None,
-            Some(h) => match ListenAddr::parse(&h).map_err(|m| e("http", m))? {
-                ListenAddr::Tcp(a) => Some(a),
-                ListenAddr::Unix(_) => {
-                    return Err(e("http", "the HTTP listener takes host:port".into()))
-                }
-            },
+            Some(h) => Some(loopback_unless_public(&h, http_public).map_err(|m| e("http", m))?),
         };
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let workers = o.workers.or(self.workers).unwrap_or(cpus);
@@ -578,6 +597,36 @@ mod tests {
         let text = err.to_string();
         assert!(text.starts_with("c.toml:2:"), "{text}");
         assert!(text.contains("wrokers"), "{text}");
+    }
+
+    #[test]
+    fn development_listener_is_loopback_unless_public() {
+        let http = |text: &str, o: Overrides| {
+            let raw = RawConfig::parse(text, Path::new("c.toml")).unwrap();
+            raw.validate("c.toml", &o).map(|c| c.http)
+        };
+        let a = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            http("http = \":8080\"", overrides()).unwrap(),
+            a("127.0.0.1:8080")
+        );
+        assert_eq!(
+            http("http = \"[::1]:81\"", overrides()).unwrap(),
+            a("[::1]:81")
+        );
+        let e = http("http = \"0.0.0.0:8080\"", overrides()).unwrap_err();
+        assert!(e.to_string().contains("not a loopback address"), "{e}");
+        assert_eq!(
+            http("http = \"0.0.0.0:8080\"\nhttp_public = true", overrides()).unwrap(),
+            a("0.0.0.0:8080")
+        );
+        let forced = Overrides {
+            http: Some("0.0.0.0:8081".into()),
+            http_public: true,
+            ..overrides()
+        };
+        assert_eq!(http("", forced).unwrap(), a("0.0.0.0:8081"));
+        assert!(http("http = \"/tmp/x.sock\"", overrides()).is_err());
     }
 
     #[test]
