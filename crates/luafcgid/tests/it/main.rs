@@ -5,6 +5,7 @@ mod audit;
 mod cli;
 mod corpus;
 mod fastcgi;
+mod faults;
 mod http;
 mod nginx;
 mod operations;

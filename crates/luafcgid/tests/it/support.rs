@@ -7,6 +7,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fastcgi_protocol::client::{
@@ -486,10 +488,11 @@ impl Process {
             stderr,
         };
         let t = Instant::now();
-        while !p.sock.exists() {
+        // The socket file appears when it is bound, a moment before it listens.
+        while UnixStream::connect(&p.sock).is_err() {
             if t.elapsed() > Duration::from_secs(10) || p.child.try_wait().unwrap().is_some() {
                 p.kill();
-                panic!("the daemon never created its socket");
+                panic!("the daemon never listened on its socket");
             }
             std::thread::yield_now();
         }
@@ -551,5 +554,120 @@ impl Drop for Process {
         if self.child.try_wait().ok().flatten().is_none() {
             self.kill();
         }
+    }
+}
+
+/// Most time any wait of the tests on a daemon binary may take.
+pub const BOUND: Duration = Duration::from_secs(30);
+
+/// What one request of the load got.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// When its last byte was written.
+    pub written: Instant,
+    /// The response, if one came whole.
+    pub answer: Option<(u16, String, Option<String>)>,
+}
+
+/// Clients sending `script` over their own unix connections until `stop` (or a bound on
+/// count and time); `fresh` clients open a connection per request, the others keep theirs.
+/// A client whose connection ends opens a new one; it stops when the socket is gone.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<Vec<Vec<Sent>>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(sock: &Path, script: &str, keep: usize, fresh: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(vec![Vec::new(); keep + fresh]));
+        let threads = (0..keep + fresh)
+            .map(|i| {
+                let (sock, stop, results) = (sock.to_path_buf(), stop.clone(), results.clone());
+                let params = params_for(script, "GET", &[]);
+                let keep_conn = i < keep;
+                std::thread::spawn(move || {
+                    let bytes = Client::encode(1, keep_conn, &params, b"");
+                    let started = Instant::now();
+                    let mut client: Option<Client> = None;
+                    for _ in 0..200_000 {
+                        if stop.load(Ordering::Relaxed) || started.elapsed() > BOUND {
+                            return;
+                        }
+                        if client.is_none() {
+                            match UnixStream::connect(&sock) {
+                                Ok(s) => client = Some(Client::new(Box::new(s))),
+                                Err(_) => return,
+                            }
+                        }
+                        let c = client.as_mut().unwrap();
+                        if c.try_send(&bytes).is_err() {
+                            client = None;
+                            continue;
+                        }
+                        let written = Instant::now();
+                        let answer = c.try_response(1).map(|r| {
+                            let generation = r.header("X-Generation").map(str::to_string);
+                            (r.status, r.text(), generation)
+                        });
+                        if answer.is_none() || !keep_conn {
+                            client = None;
+                        }
+                        results.lock().unwrap()[i].push(Sent { written, answer });
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            results,
+            threads,
+        }
+    }
+
+    /// Requests answered so far.
+    pub fn answered(&self) -> usize {
+        let r = self.results.lock().unwrap();
+        r.iter().flatten().filter(|s| s.answer.is_some()).count()
+    }
+
+    /// Waits (bounded) until `done` holds of the results.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&[Vec<Sent>]) -> bool) {
+        let t = Instant::now();
+        while !done(&self.results.lock().unwrap()) {
+            assert!(t.elapsed() < BOUND, "the load never saw {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Stops the clients and gives what each sent.
+    pub fn finish(self) -> Vec<Vec<Sent>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        Arc::try_unwrap(self.results).unwrap().into_inner().unwrap()
+    }
+}
+
+pub fn audit_lines(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn has_event(log: &Path, event: &str) -> bool {
+    audit_lines(log).iter().any(|l| l["event"] == event)
+}
+
+/// Waits (bounded) until the audit log holds `event`.
+pub fn wait_for_event(log: &Path, event: &str) {
+    let t = Instant::now();
+    while !has_event(log, event) {
+        assert!(t.elapsed() < BOUND, "no {event} event in the audit log");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -1,0 +1,331 @@
+//! Faults while requests flow, against the daemon's binary: a script replaced, made
+//! unreadable and deleted; a policy made invalid; thousands of connections at once; every
+//! limit hit in turn, many times over. After each: every request answered, the workers
+//! still there, a control script answering, and no descriptor or memory leak (the
+//! daemon's `/proc` entries before and after).
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::support::{
+    audit_lines, params_for, requests, wait_for_event, write, Client, Load, Process, BOUND,
+};
+
+/// What the daemon holds, from /proc.
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    fds: usize,
+    threads: usize,
+    rss_kib: u64,
+}
+
+impl Health {
+    fn of(p: &Process) -> Health {
+        let pid = p.child.id();
+        let count = |dir: String| std::fs::read_dir(dir).unwrap().count();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        Health {
+            fds: count(format!("/proc/{pid}/fd")),
+            threads: count(format!("/proc/{pid}/task")),
+            rss_kib,
+        }
+    }
+
+    /// Waits (bounded) until the daemon is back to `self`: no more descriptors once its
+    /// connections have closed, no fewer threads (the runtime's blocking pool may have
+    /// grown), a control request answered, and memory within `slack_kib` of where it was.
+    fn assert_recovered(&self, p: &Process, slack_kib: u64) {
+        p.hello();
+        let t = Instant::now();
+        loop {
+            let now = Health::of(p);
+            if now.fds <= self.fds && now.threads >= self.threads {
+                assert!(
+                    now.rss_kib <= self.rss_kib + slack_kib,
+                    "memory grew from {} KiB to {} KiB",
+                    self.rss_kib,
+                    now.rss_kib
+                );
+                return;
+            }
+            assert!(t.elapsed() < BOUND, "before {self:?}, after {now:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The daemon with a config file of `config`.
+fn daemon(dir: &Path, config: &str) -> Process {
+    let file = dir.join("luafcgid.toml");
+    write(&file, config);
+    let log = dir.join("audit.jsonl");
+    Process::start_with(dir, &log, move |mut argv| {
+        argv.push("--config".into());
+        argv.push(file.into());
+        crate::support::command_of(argv)
+    })
+}
+
+/// Runs a few requests of every kind first, so the allocator and the pool reach their
+/// steady state before the "before" snapshot.
+fn warm(p: &Process, scripts: &[&str]) {
+    for _ in 0..3 {
+        for s in scripts {
+            let mut c = Client::new(Box::new(UnixStream::connect(&p.sock).unwrap()));
+            c.get(&p.root.join(s).display().to_string());
+        }
+    }
+}
+
+#[test]
+fn a_script_replaced_made_unreadable_and_deleted_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    // Made unreadable below with chmod, which root ignores: as root, the daemon runs as
+    // nobody (its privilege drop) so permissions apply to it.
+    use std::os::unix::fs::MetadataExt;
+    let probe = dir.path().join("probe");
+    std::fs::write(&probe, "").unwrap();
+    let root_runs = std::fs::metadata(&probe).unwrap().uid() == 0;
+    let config = if root_runs {
+        std::os::unix::fs::chown(dir.path(), Some(65534), None).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        "user = \"nobody\"\nsweep_ms = 20\n"
+    } else {
+        "sweep_ms = 20\n"
+    };
+    let p = daemon(dir.path(), config);
+    std::fs::set_permissions(&p.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = p.root.join("page.lua");
+    let version = |v: &str| {
+        format!("local x = 0 for i = 1, 20000 do x = x + i end function handler() return '{v}' end")
+    };
+    write(&script, &version("one"));
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    warm(&p, &["hello.lua", "page.lua"]);
+    let before = Health::of(&p);
+
+    let load = Load::start(&p.sock, &script.display().to_string(), 4, 2);
+    let seen = |want: (u16, &'static str)| {
+        move |r: &[Vec<crate::support::Sent>]| {
+            r.iter().flatten().rev().take(8).any(|s| {
+                s.answer
+                    .as_ref()
+                    .is_some_and(|a| a.0 == want.0 && a.1.contains(want.1))
+            })
+        }
+    };
+    load.wait_for("version one", seen((200, "one")));
+    write(&script, &version("two"));
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    load.wait_for("version two", seen((200, "two")));
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o000)).unwrap();
+    load.wait_for("403 for the unreadable script", seen((403, "")));
+    std::fs::remove_file(&script).unwrap();
+    load.wait_for("404 for the deleted script", seen((404, "")));
+    let sent = load.finish();
+
+    let mut answered = 0;
+    for s in sent.iter().flatten() {
+        let (status, body, _) = s.answer.as_ref().expect("a request went unanswered");
+        assert!(
+            matches!(
+                (*status, body.as_str()),
+                (200, "one" | "two") | (403 | 404, _)
+            ),
+            "{status} {body}"
+        );
+        answered += 1;
+    }
+    before.assert_recovered(&p, 16 * 1024);
+    let stderr = p.stop();
+    let lines = audit_lines(&dir.path().join("audit.jsonl"));
+    // The warm-up's six requests and the control request have their lines too.
+    assert_eq!(requests(&lines).len(), answered + 7, "{stderr}");
+}
+
+#[test]
+fn a_policy_made_invalid_while_requests_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = daemon(dir.path(), "sweep_ms = 20\n");
+    let tenant = p.root.join("acme");
+    write(&tenant.join("policy.toml"), "[vars]\ngreeting = \"hi\"\n");
+    write(
+        &tenant.join("page.lua"),
+        "function handler(r) return r:config('greeting') end",
+    );
+    warm(&p, &["hello.lua", "acme/page.lua"]);
+    let before = Health::of(&p);
+    let log = dir.path().join("audit.jsonl");
+
+    let load = Load::start(
+        &p.sock,
+        &tenant.join("page.lua").display().to_string(),
+        4,
+        2,
+    );
+    load.wait_for("answers", |r| r.iter().flatten().count() >= 50);
+    write(&tenant.join("policy.toml"), "[vars\ngreeting = ");
+    wait_for_event(&log, "policy_rejected");
+    let at = load.answered();
+    load.wait_for("answers with the invalid file in place", |r| {
+        r.iter().flatten().count() >= at + 100
+    });
+    write(
+        &tenant.join("policy.toml"),
+        "[vars]\ngreeting = \"hello\"\n",
+    );
+    load.wait_for("the fixed policy", |r| {
+        r.iter()
+            .flatten()
+            .rev()
+            .take(4)
+            .any(|s| s.answer.as_ref().is_some_and(|a| a.1 == "hello"))
+    });
+    let sent = load.finish();
+    for s in sent.iter().flatten() {
+        let (status, body, _) = s.answer.as_ref().expect("a request went unanswered");
+        // The last valid policy stays in force while the file is invalid.
+        assert!(
+            *status == 200 && (body == "hi" || body == "hello"),
+            "{status} {body}"
+        );
+    }
+    before.assert_recovered(&p, 16 * 1024);
+    p.stop();
+    let lines = audit_lines(&log);
+    let rejected = lines
+        .iter()
+        .find(|l| l["event"] == "policy_rejected")
+        .unwrap();
+    assert_eq!(rejected["file"], "acme/policy.toml");
+}
+
+#[test]
+fn five_thousand_connections_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for every request to wait its turn, rather than be shed.
+    let p = daemon(
+        dir.path(),
+        "max_connections = 6000\nqueue_max = 25000\nqueue_timeout_ms = 60000\n",
+    );
+    warm(&p, &["hello.lua"]);
+    let before = Health::of(&p);
+    let hello = p.root.join("hello.lua").display().to_string();
+    let request = Client::encode(1, true, &params_for(&hello, "GET", &[]), b"");
+    // Every connection open at once, each with a request sent, before any answer is read.
+    let mut clients: Vec<Client> = (0..5000)
+        .map(|_| {
+            let mut c = Client::new(Box::new(UnixStream::connect(&p.sock).unwrap()));
+            c.send(&request);
+            c
+        })
+        .collect();
+    let during = Health::of(&p);
+    for c in &mut clients {
+        let r = c.response(1);
+        assert_eq!((r.status, r.text().as_str()), (200, "Hello World"));
+    }
+    drop(clients);
+    assert!(during.fds > before.fds, "{during:?}");
+    before.assert_recovered(&p, 64 * 1024);
+    p.stop();
+    let lines = audit_lines(&dir.path().join("audit.jsonl"));
+    assert_eq!(requests(&lines).len(), 3 + 5000 + 1);
+}
+
+#[test]
+fn every_limit_in_turn_many_times_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = daemon(
+        dir.path(),
+        "[defaults]\ninstructions = 200000\ntimeout_ms = 20\nmemory = \"2M\"\noutput = \"64K\"\n\
+         [ceiling]\ninstructions = 1000000000\ntimeout_ms = 20\nmemory = \"2M\"\noutput = \"64K\"\n",
+    );
+    // A tenant whose instruction budget outlasts the time limit.
+    write(
+        &p.root.join("slow/policy.toml"),
+        "instructions = 1000000000\n",
+    );
+    let kinds: [(&str, &str, u16); 6] = [
+        ("cpu.lua", "function handler() while true do end end", 500),
+        (
+            "slow/time.lua",
+            "function handler() while true do end end",
+            500,
+        ),
+        (
+            "memory.lua",
+            "function handler() local t = {} for i = 1, 1e7 do t[i] = {} end end",
+            500,
+        ),
+        (
+            "output.lua",
+            "function handler(r) for i = 1, 1e6 do r:puts('xxxxxxxx') end end",
+            500,
+        ),
+        ("error.lua", "function handler() error('boom') end", 500),
+        ("ok.lua", "function handler() return 'fine' end", 200),
+    ];
+    for (name, text, _) in &kinds {
+        write(&p.root.join(name), text);
+    }
+    let names: Vec<&str> = kinds.iter().map(|k| k.0).collect();
+    warm(&p, &names);
+    let before = Health::of(&p);
+    // Two clients, so both workers run limits at once; 3,000 requests each per round.
+    let round = |offset: usize| {
+        let handles: Vec<_> = (0..2)
+            .map(|i| {
+                let sock = p.sock.clone();
+                let root = p.root.clone();
+                let kinds = kinds.map(|k| (k.0, k.2));
+                std::thread::spawn(move || {
+                    let mut c = Client::new(Box::new(UnixStream::connect(&sock).unwrap()));
+                    let started = Instant::now();
+                    for n in 0..3000 {
+                        assert!(started.elapsed() < Duration::from_secs(240), "too slow");
+                        let (name, status) = kinds[(n + i + offset) % kinds.len()];
+                        let r = c.get(&root.join(name).display().to_string());
+                        assert_eq!(r.status, status, "{name}");
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    };
+    round(0);
+    before.assert_recovered(&p, 32 * 1024);
+    // The first round settles the allocator; a second as long must not grow memory (a
+    // state leaked per limit hit would be 3,000 states, tens of MiB).
+    let middle = Health::of(&p);
+    round(1);
+    middle.assert_recovered(&p, 8 * 1024);
+    p.stop();
+    let lines = audit_lines(&dir.path().join("audit.jsonl"));
+    let outcomes = |o: &str| {
+        requests(&lines)
+            .iter()
+            .filter(|l| l["outcome"] == o)
+            .count()
+    };
+    for o in [
+        "limit_cpu",
+        "limit_time",
+        "limit_memory",
+        "limit_output",
+        "script_error",
+    ] {
+        assert!(outcomes(o) >= 1900, "{o}: {}", outcomes(o));
+    }
+    assert_eq!(requests(&lines).len(), 3 * 6 + 12000 + 2);
+}
