@@ -329,3 +329,56 @@ fn every_limit_in_turn_many_times_over() {
     }
     assert_eq!(requests(&lines).len(), 3 * 6 + 12000 + 2);
 }
+
+#[test]
+fn clients_that_close_mid_body_and_mid_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = daemon(dir.path(), "");
+    let big = p.root.join("big.lua");
+    write(
+        &big,
+        "local chunk = string.rep('x', 65536) function handler(r) for i = 1, 64 do r:puts(chunk) end end",
+    );
+    let echo = p.root.join("echo.lua");
+    write(&echo, "function handler(r) return #(r:gets() or '') end");
+    warm(&p, &["hello.lua", "big.lua"]);
+    let before = Health::of(&p);
+    let big = big.display().to_string();
+    let echo = echo.display().to_string();
+    for round in 0..200 {
+        let mut c = Client::new(Box::new(UnixStream::connect(&p.sock).unwrap()));
+        if round % 2 == 0 {
+            // Half of a 200,000-byte body, then gone.
+            let params = params_for(&echo, "POST", &[("CONTENT_LENGTH", "200000")]);
+            let mut bytes = Client::encode(1, true, &params, &[b'a'; 200_000]);
+            bytes.truncate(bytes.len() / 2);
+            c.send(&bytes);
+        } else {
+            // A 4 MiB answer, of which one record is read.
+            c.send(&Client::encode(1, true, &params_for(&big, "GET", &[]), b""));
+            assert!(c.reply().is_some());
+        }
+        drop(c);
+    }
+    // Complete requests still work on both scripts.
+    let mut c = Client::new(Box::new(UnixStream::connect(&p.sock).unwrap()));
+    assert_eq!(c.get(&big).body.len(), 64 * 65536);
+    let params = params_for(&echo, "POST", &[("CONTENT_LENGTH", "5")]);
+    assert_eq!(c.request(1, true, &params, b"hello").text(), "5");
+    drop(c);
+    before.assert_recovered(&p, 32 * 1024);
+    p.stop();
+    // The half-sent bodies never became requests; every big answer cut short is logged
+    // once, as sent or as aborted.
+    let lines = audit_lines(&dir.path().join("audit.jsonl"));
+    let big_lines = requests(&lines)
+        .iter()
+        .filter(|l| l["script"] == "big.lua")
+        .count();
+    assert_eq!(big_lines, 3 + 100 + 1);
+    let echo_lines = requests(&lines)
+        .iter()
+        .filter(|l| l["script"] == "echo.lua")
+        .count();
+    assert_eq!(echo_lines, 1);
+}
