@@ -382,3 +382,65 @@ fn clients_that_close_mid_body_and_mid_response() {
         .count();
     assert_eq!(echo_lines, 1);
 }
+
+#[test]
+fn an_audit_log_that_cannot_be_reopened_keeps_the_old_file_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let root_runs = std::fs::metadata(&logs).unwrap().uid() == 0;
+    // Permissions bind root only after it drops to nobody.
+    let config = if root_runs {
+        for d in [dir.path(), logs.as_path()] {
+            std::os::unix::fs::chown(d, Some(65534), None).unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        "user = \"nobody\"\n"
+    } else {
+        ""
+    };
+    let file = dir.path().join("luafcgid.toml");
+    write(&file, config);
+    let log = logs.join("audit.jsonl");
+    let p = Process::start_with(dir.path(), &log, move |mut argv| {
+        argv.push("--config".into());
+        argv.push(file.into());
+        crate::support::command_of(argv)
+    });
+    p.hello();
+    // Rotated away, and the directory closed to new files: the reopen fails.
+    let rotated = logs.join("audit.jsonl.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o555)).unwrap();
+    p.signal("USR1");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&p.stderr)
+        .unwrap()
+        .contains("cannot reopen the audit log")
+    {
+        assert!(t.elapsed() < BOUND, "the failed reopen was not reported");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let during = p.hello();
+    // Writable again: the next reopen makes the new file.
+    std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p.signal("USR1");
+    wait_for_file(&log);
+    let after = p.hello();
+    p.stop();
+    let old = audit_lines(&rotated);
+    assert!(old.iter().any(|l| l["request_id"] == during.as_str()));
+    let new = audit_lines(&log);
+    assert!(new.iter().any(|l| l["request_id"] == after.as_str()));
+    assert_eq!(requests(&old).len() + requests(&new).len(), 3);
+}
+
+/// Waits (bounded) until `path` exists.
+fn wait_for_file(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < BOUND, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
