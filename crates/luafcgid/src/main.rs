@@ -193,16 +193,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         println!("{origin}: ok");
         return ExitCode::SUCCESS;
     }
-    for (set, what) in [
-        (config.metrics.is_some(), "`metrics` (the metrics listener)"),
-        (
-            config.user.is_some() || config.group.is_some(),
-            "`user`/`group` (privilege drop)",
-        ),
-    ] {
-        if set {
-            tracing::warn!("{what} is accepted but not enforced by this version");
-        }
+    if config.user.is_some() || config.group.is_some() {
+        tracing::warn!(
+            "`user`/`group` (privilege drop) is accepted but not enforced by this version"
+        );
     }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
@@ -233,6 +227,9 @@ fn run(config: luafcgid::config::Config) -> anyhow::Result<()> {
         }
         if let Some(h) = server.http_addr() {
             tracing::info!("HTTP (development) on http://{h}/");
+        }
+        if let Some(m) = server.metrics_addr() {
+            tracing::info!("metrics on http://{m}/metrics");
         }
         tokio::spawn(reopen_log_on_sigusr1(usr1, server.shared()));
         server.run(shutdown).await?;

@@ -21,6 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::admission::{TenantSlots, WaitingRoom};
 use crate::audit::{truncate, AuditLog};
 use crate::config::{Config, ListenAddr};
+use crate::metrics::{Eviction, Metrics};
 use crate::ratelimit::{Limiters, Subject, Verdict};
 use crate::render::Defaults;
 use crate::request_id::RequestIds;
@@ -111,6 +112,8 @@ pub struct Shared {
     pub policies: PolicyTree,
     /// Rate limits (the policies' `[rate]` tables and `rate_global`).
     pub rates: Limiters,
+    /// The counters of `/metrics` (they outlive this `Shared`: see [`Shared::with_metrics`]).
+    pub metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -118,6 +121,16 @@ impl Shared {
     /// What connections and workers share, without any listener: the resolver, the state
     /// pool, the audit log. `Server::bind` and `luafcgid run` build it.
     pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Result<Arc<Shared>, ServeError> {
+        Shared::with_metrics(config, shutdown, Arc::default())
+    }
+
+    /// As [`Shared::new`], counting into `metrics` (those of a `Shared` this one replaces,
+    /// so the counters go on); the metrics listener reports this `Shared` from now on.
+    pub fn with_metrics(
+        config: Config,
+        shutdown: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Shared>, ServeError> {
         let resolver = Resolver::new(&config.docroots, &config.extensions, config.sweep)?;
         let audit = AuditLog::open(config.log.as_ref())?;
         let lua_slots = Arc::new(Semaphore::new(config.workers));
@@ -126,7 +139,7 @@ impl Shared {
             max_body_bytes: config.ceiling.body,
             ..fastcgi_protocol::Limits::default()
         };
-        Ok(Arc::new(Shared {
+        let shared = Arc::new(Shared {
             pool: StatePool::new(
                 config.states,
                 usize::try_from(config.memory_total).unwrap_or(usize::MAX),
@@ -150,9 +163,12 @@ impl Shared {
             waiting: WaitingRoom::new(config.queue_max),
             tenants: TenantSlots::new(config.tenant_workers),
             refused_connections: AtomicU64::new(0),
+            metrics,
             config,
             shutdown,
-        }))
+        });
+        shared.metrics.attach(&shared);
+        Ok(shared)
     }
 
     /// The effective policy of a script (a cached lookup when warm).
@@ -272,6 +288,7 @@ pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<Bound>,
     http: Option<TcpListener>,
+    metrics: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
     limits: Option<ProcessLimits>,
 }
@@ -347,12 +364,17 @@ impl Server {
             Some(a) => Some(bind_tcp(a).await?),
             None => None,
         };
+        let metrics = match config.metrics {
+            Some(a) => Some(bind_tcp(a).await?),
+            None => None,
+        };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let shared = Shared::new(config, shutdown)?;
         Ok(Server {
             shared,
             listeners,
             http,
+            metrics,
             shutdown_tx,
             limits: None,
         })
@@ -380,6 +402,11 @@ impl Server {
         self.http.as_ref().and_then(|h| h.local_addr().ok())
     }
 
+    /// The metrics listener's address.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+    }
+
     /// What connections and workers share (for tests and diagnostics).
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
@@ -393,6 +420,7 @@ impl Server {
             shared,
             listeners,
             http,
+            metrics,
             shutdown_tx,
             limits,
         } = self;
@@ -429,6 +457,10 @@ impl Server {
                 shared.clone(),
                 connections.clone(),
             )));
+        }
+        if let Some(m) = metrics {
+            let counters = shared.metrics.clone();
+            accept_tasks.push(tokio::spawn(crate::metrics::serve(m, counters)));
         }
         // Report invalid policies at start (their subtrees answer `policy_error`); the
         // walk runs beside serving, never delaying it.
@@ -589,6 +621,7 @@ async fn sweep(shared: Arc<Shared>) {
         let _ = tokio::task::spawn_blocking(move || s.rates.sweep()).await;
         shared.log_policy_report(&report);
         for key in retired {
+            shared.metrics.evicted(Eviction::Changed);
             shared.audit.lifecycle(
                 "state_evicted",
                 serde_json::json!({"script": shared.resolver.relative(&key), "reason": "changed"}),
