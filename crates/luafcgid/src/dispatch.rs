@@ -336,6 +336,9 @@ pub fn dispatch(
         })
         .await;
         shared.waiting.leave(&script.key);
+        if !matches!(permits, Ok(Some(_))) {
+            shared.metrics.shed(ShedReason::QueueTimeout);
+        }
         let reply = match permits {
             Ok(Some(permits)) => {
                 let probe = SocketProbe::runtime_only();
@@ -343,18 +346,15 @@ pub fn dispatch(
                 drop(permits);
                 reply
             }
-            _ => {
-                shared.metrics.shed(ShedReason::QueueTimeout);
-                answer_early(
-                    &shared,
-                    &inc,
-                    Some(&script),
-                    Some(&effective),
-                    Outcome::Shed,
-                    Some(SHED_RETRY_AFTER),
-                    Some("waited too long for a state"),
-                )
-            }
+            _ => answer_early(
+                &shared,
+                &inc,
+                Some(&script),
+                Some(&effective),
+                Outcome::Shed,
+                Some(SHED_RETRY_AFTER),
+                Some("waited too long for a state"),
+            ),
         };
         let _ = tx.send(reply);
     });

@@ -6,6 +6,7 @@ mod cli;
 mod corpus;
 mod fastcgi;
 mod http;
+mod metrics;
 mod nginx;
 mod policies;
 mod rates;
