@@ -376,7 +376,7 @@ impl Metrics {
             text,
             "luafcgid_request_duration_seconds",
             "histogram",
-            "Time from a request's arrival to its answer.",
+            "Time from a request being complete to its reply being ready.",
         );
         let mut cumulative = 0;
         for (i, count) in self.latency.iter().enumerate() {

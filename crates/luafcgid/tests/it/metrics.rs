@@ -187,6 +187,52 @@ fn scrape(addr: SocketAddr) -> Scrape {
     parse(body(&response))
 }
 
+/// The table of docs/metrics.md: metric, type, label names.
+fn documented() -> BTreeMap<String, (String, Vec<String>)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/metrics.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut table = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("| `luafcgid_")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let name = cells[1].trim_matches('`').to_string();
+        let labels = cells[3]
+            .split(',')
+            .map(|l| l.trim().trim_matches('`').to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert!(
+            table.insert(name, (cells[2].to_string(), labels)).is_none(),
+            "{line}"
+        );
+    }
+    assert!(table.len() > 10, "docs/metrics.md: no table");
+    table
+}
+
+/// Every metric served is in docs/metrics.md with its type and labels, and every one
+/// documented is served.
+fn check_documented(m: &Scrape) {
+    let docs = documented();
+    let served: std::collections::BTreeSet<&String> = m.types.keys().collect();
+    let listed: std::collections::BTreeSet<&String> = docs.keys().collect();
+    assert_eq!(served, listed, "metrics served vs docs/metrics.md");
+    for s in &m.samples {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|x| s.name.strip_suffix(x).filter(|f| docs.contains_key(*f)))
+            .unwrap_or(&s.name);
+        let (kind, labels) = &docs[family];
+        assert_eq!(&m.types[family], kind, "type of {family}");
+        let names: Vec<&String> = s.labels.keys().collect();
+        let mut want: Vec<&String> = labels.iter().collect();
+        want.sort();
+        if kind == "histogram" && s.name != format!("{family}_bucket") {
+            want.clear();
+        }
+        assert_eq!(names, want, "labels of {}", s.name);
+    }
+}
+
 fn with_metrics(o: &mut luafcgid::config::Overrides) {
     o.metrics = Some("127.0.0.1:0".into());
 }
@@ -238,6 +284,7 @@ fn counters_match_the_requests_sent_and_the_audit_log() {
     }
     let total: usize = sent.iter().map(|s| s.2).sum();
     let m = scrape(addr);
+    check_documented(&m);
     let counted_as = |outcome: &str, status: &str| {
         m.value(
             "luafcgid_requests_total",
@@ -488,4 +535,50 @@ fn script_paths_in_labels_are_escaped() {
     );
     let m = parse(body(&response));
     assert_eq!(m.value("luafcgid_script_states", &[("script", name)]), 1.0);
+}
+
+#[test]
+fn the_binary_serves_metrics_on_the_address_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap().join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("hello.lua"), HELLO).unwrap();
+    let stderr = dir.path().join("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_luafcgid"))
+        .args([
+            "serve",
+            "--workers",
+            "1",
+            "--metrics",
+            "127.0.0.1:0",
+            "--docroot",
+        ])
+        .arg(&root)
+        .arg("--listen")
+        .arg(dir.path().join("fcgi.sock"))
+        .arg("--log")
+        .arg(dir.path().join("audit.jsonl"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let addr: Option<SocketAddr> = loop {
+        let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+        if let Some(rest) = text.split("metrics on http://").nth(1) {
+            break rest.split_once("/metrics").and_then(|a| a.0.parse().ok());
+        }
+        if t.elapsed() > Duration::from_secs(10) || child.try_wait().unwrap().is_some() {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let healthz = addr.map(|a| exchange(a, b"GET /healthz HTTP/1.1\r\n\r\n").0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&stderr).unwrap();
+    let addr = addr.unwrap_or_else(|| panic!("no metrics address in\n{text}"));
+    assert!(addr.ip().is_loopback());
+    assert_eq!(healthz, Some(200));
+    assert!(!text.contains("not enforced"), "{text}");
 }
