@@ -516,6 +516,24 @@ impl<S: Pooled> StatePool<S> {
         }
     }
 
+    /// The `top` scripts holding the most states (idle or leased), most first (ties by
+    /// path), with their counts; scripts with none are left out. Copies the counts under
+    /// the lock and sorts outside it.
+    pub fn states_per_script(&self, top: usize) -> Vec<(ScriptKey, usize)> {
+        let mut counts: Vec<(ScriptKey, usize)> = {
+            let inner = self.lock();
+            inner
+                .entries
+                .iter()
+                .map(|(k, e)| (k.clone(), e.idle.len() + e.leased))
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        };
+        counts.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        counts.truncate(top);
+        counts
+    }
+
     /// Idle states of one script.
     pub fn idle_states(&self, key: &Path) -> usize {
         self.lock().entries.get(key).map_or(0, |e| e.idle.len())
@@ -647,6 +665,29 @@ mod tests {
         assert_eq!(pool.idle_states(&hot), 1);
         assert_eq!(pool.idle_states(&cold), 0);
         assert_eq!(pool.stats().states, 2);
+    }
+
+    #[test]
+    fn states_per_script_counts_idle_and_leased_most_first() {
+        let pool = StatePool::new(10, 0, Duration::from_secs(3600));
+        let (a, b, c) = (key("/a.lua"), key("/b.lua"), key("/c.lua"));
+        let la: Vec<_> = (0..3)
+            .map(|_| pool.checkout(&a, stamp(1), || fake(vec![])).unwrap())
+            .collect();
+        let lb = pool.checkout(&b, stamp(1), || fake(vec![])).unwrap();
+        let _ = pool.checkin(lb, Retire::Keep, 0, Duration::ZERO);
+        let lc = pool.checkout(&c, stamp(1), || fake(vec![])).unwrap();
+        let _ = pool.checkin(lc, Retire::Discard, 0, Duration::ZERO);
+        assert_eq!(
+            pool.states_per_script(10),
+            vec![(a.clone(), 3), (b.clone(), 1)],
+            "three leased, one idle, none"
+        );
+        assert_eq!(pool.states_per_script(1), vec![(a.clone(), 3)]);
+        for l in la {
+            let _ = pool.checkin(l, Retire::Keep, 0, Duration::ZERO);
+        }
+        assert_eq!(pool.states_per_script(10)[0], (a, 3));
     }
 
     #[test]

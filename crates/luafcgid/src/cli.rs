@@ -182,7 +182,8 @@ pub struct ServeArgs {
     /// a unix datagram socket.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
-    /// Metrics listener (host:port).
+    /// Metrics listener: /metrics (Prometheus text) and /healthz (host:port; :port is on
+    /// loopback).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
 }

@@ -191,7 +191,8 @@ pub struct Config {
     pub default_content_type: String,
     /// Audit log file; `None` is stdout.
     pub log: Option<PathBuf>,
-    pub metrics: Option<String>,
+    /// The metrics listener (`/metrics`, `/healthz`); `:port` is on loopback.
+    pub metrics: Option<SocketAddr>,
     pub user: Option<String>,
     pub group: Option<String>,
     /// The effective policy where no policy file says otherwise.
@@ -247,6 +248,21 @@ pub fn parse_header_line(line: &str) -> Result<(String, String), String> {
         return Err(format!("the value of `{name}` holds a line break or NUL"));
     }
     Ok((name.to_string(), value.to_string()))
+}
+
+/// The metrics listener's address: `host:port` or `[v6]:port` as written, `:port` on
+/// loopback (the counters tell how busy each script is: not for every network by default).
+pub fn metrics_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = text.trim().strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("bad port in `{}`", text.trim()))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    match ListenAddr::parse(text)? {
+        ListenAddr::Tcp(a) => Ok(a),
+        ListenAddr::Unix(_) => Err("the metrics listener takes host:port or :port".into()),
+    }
 }
 
 impl RawConfig {
@@ -338,6 +354,10 @@ impl RawConfig {
         let http = match o.http.clone().or(self.http) {
             None => None,
             Some(h) => Some(loopback_unless_public(&h, http_public).map_err(|m| e("http", m))?),
+        };
+        let metrics = match o.metrics.clone().or(self.metrics) {
+            None => None,
+            Some(m) => Some(metrics_addr(&m).map_err(|msg| e("metrics", msg))?),
         };
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let workers = o.workers.or(self.workers).unwrap_or(cpus);
@@ -460,7 +480,7 @@ impl RawConfig {
             default_status,
             default_content_type,
             log: o.log.clone().or(self.log),
-            metrics: o.metrics.clone().or(self.metrics),
+            metrics,
             user: self.user,
             group: self.group,
             defaults,
@@ -546,6 +566,36 @@ mod tests {
             docroot: vec![root()],
             ..Overrides::default()
         }
+    }
+
+    #[test]
+    fn metrics_port_alone_is_on_loopback() {
+        assert_eq!(metrics_addr(":9100"), Ok("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(
+            metrics_addr("0.0.0.0:9100"),
+            Ok("0.0.0.0:9100".parse().unwrap()),
+            "an explicit address is the operator's choice"
+        );
+        assert_eq!(
+            metrics_addr("[::1]:9100"),
+            Ok("[::1]:9100".parse().unwrap())
+        );
+        assert!(metrics_addr("/run/metrics.sock")
+            .unwrap_err()
+            .contains("host:port"));
+        assert!(metrics_addr(":x").unwrap_err().contains("bad port"));
+        let raw = RawConfig::parse("metrics = \"/tmp/m.sock\"", Path::new("c.toml")).unwrap();
+        let err = raw
+            .validate("c.toml", &overrides())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics"), "{err}");
+        let o = Overrides {
+            metrics: Some(":9100".into()),
+            ..overrides()
+        };
+        let c = RawConfig::default().validate("c.toml", &o).unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
     }
 
     #[test]

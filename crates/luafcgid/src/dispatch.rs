@@ -26,6 +26,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::admission::Full;
 use crate::audit::{timestamp, truncate, PolicyFiles, RequestEvent, AUDIT_TEXT_MAX};
+use crate::metrics::{Eviction, ShedReason};
 use crate::outcome::Outcome;
 use crate::probe::SocketProbe;
 use crate::ratelimit::Verdict;
@@ -98,6 +99,8 @@ fn param_text<'a>(p: &'a Params, name: &str) -> Option<std::borrow::Cow<'a, str>
 }
 
 fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
+    let elapsed = inc.received.elapsed();
+    shared.metrics.request(a.outcome, a.status, elapsed);
     let client = param_text(&inc.params, &shared.config.client_key);
     let method = param_text(&inc.params, "REQUEST_METHOD");
     let uri = param_text(&inc.params, "REQUEST_URI");
@@ -117,7 +120,7 @@ fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
         policy: a.effective.map(|e| PolicyFiles(&e.files)),
         status: a.status,
         outcome: a.outcome.as_str(),
-        duration_us: inc.received.elapsed().as_micros() as u64,
+        duration_us: elapsed.as_micros() as u64,
         instructions: a.instructions,
         memory: a.memory,
         bytes_in: Some(inc.body_len),
@@ -271,6 +274,7 @@ pub fn dispatch(
         checked => checked,
     };
     if let Verdict::Limited { limit, retry_after } = rate {
+        shared.metrics.rate_limited(limit);
         return Some(answer_early(
             shared,
             &inc,
@@ -306,6 +310,7 @@ pub fn dispatch(
         }
     }
     if let Err(full) = shared.waiting.enter(&script.key) {
+        shared.metrics.shed(ShedReason::from(full));
         let why = match full {
             Full::All => "too many requests waiting",
             Full::Script => "too many requests for this script waiting",
@@ -333,6 +338,9 @@ pub fn dispatch(
         })
         .await;
         shared.waiting.leave(&script.key);
+        if !matches!(permits, Ok(Some(_))) {
+            shared.metrics.shed(ShedReason::QueueTimeout);
+        }
         let reply = match permits {
             Ok(Some(permits)) => {
                 let probe = SocketProbe::runtime_only();
@@ -433,6 +441,7 @@ fn run(
             Err(f) => Err(f),
             Ok(mut lease) => {
                 if let Some(victim) = &lease.evicted {
+                    shared.metrics.evicted(Eviction::Capacity);
                     shared.audit.lifecycle(
                         "state_evicted",
                         serde_json::json!({"script": shared.resolver.relative(victim), "reason": "capacity"}),
@@ -463,6 +472,7 @@ fn run(
                     policy.state_max_age,
                 );
                 for victim in evicted {
+                    shared.metrics.evicted(Eviction::Memory);
                     shared.audit.lifecycle(
                         "state_evicted",
                         serde_json::json!({"script": shared.resolver.relative(&victim), "reason": "memory"}),

@@ -208,11 +208,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         println!("{origin}: ok");
         return ExitCode::SUCCESS;
     }
-    if config.metrics.is_some() {
-        tracing::warn!(
-            "`metrics` (the metrics listener) is accepted but not enforced by this version"
-        );
-    }
     // Taken before any thread starts (the variables are removed from the environment).
     let inherited = match luafcgid::system::inherited_listeners() {
         Ok(l) => l,
@@ -304,6 +299,9 @@ fn run(
         luafcgid::system::notify("READY=1");
         if let Some(h) = server.http_addr() {
             tracing::info!("HTTP (development) on http://{h}/");
+        }
+        if let Some(m) = server.metrics_addr() {
+            tracing::info!("metrics on http://{m}/metrics");
         }
         tokio::spawn(reopen_log_on_sigusr1(usr1, server.live()));
         tokio::spawn(reload_on_sighup(hup, server.live(), Arc::new(reread)));

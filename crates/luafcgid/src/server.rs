@@ -21,6 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::admission::{TenantSlots, WaitingRoom};
 use crate::audit::{truncate, AuditLog};
 use crate::config::{Config, ListenAddr};
+use crate::metrics::{Eviction, Metrics};
 use crate::ratelimit::{Limiters, Subject, Verdict};
 use crate::render::Defaults;
 use crate::request_id::RequestIds;
@@ -111,6 +112,8 @@ pub struct Shared {
     pub policies: PolicyTree,
     /// Rate limits (the policies' `[rate]` tables and `rate_global`).
     pub rates: Limiters,
+    /// The counters of `/metrics` (they outlive this `Shared`: see [`Shared::with_metrics`]).
+    pub metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -118,6 +121,16 @@ impl Shared {
     /// What connections and workers share, without any listener: the resolver, the state
     /// pool, the audit log. `Server::bind` and `luafcgid run` build it.
     pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Result<Arc<Shared>, ServeError> {
+        Shared::with_metrics(config, shutdown, Arc::default())
+    }
+
+    /// As [`Shared::new`], counting into `metrics` (those of a `Shared` this one replaces,
+    /// so the counters go on); the metrics listener reports this `Shared` from now on.
+    pub fn with_metrics(
+        config: Config,
+        shutdown: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Shared>, ServeError> {
         let resolver = Resolver::new(&config.docroots, &config.extensions, config.sweep)?;
         let audit = Arc::new(AuditLog::open(config.log.as_ref())?);
         let lua_slots = Arc::new(Semaphore::new(config.workers));
@@ -128,10 +141,12 @@ impl Shared {
             lua_slots,
             Arc::new(RequestIds::default()),
             shutdown,
+            metrics,
         )
     }
 
-    /// Everything built from `config`, sharing the given log, Lua slots and request ids.
+    /// Everything built from `config`, sharing the given log, Lua slots, request ids and
+    /// counters.
     fn build(
         config: Config,
         resolver: Resolver,
@@ -139,13 +154,14 @@ impl Shared {
         lua_slots: Arc<Semaphore>,
         ids: Arc<RequestIds>,
         shutdown: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Shared>, ServeError> {
         let limits = fastcgi_protocol::Limits {
             max_params_bytes: config.max_params,
             max_body_bytes: config.ceiling.body,
             ..fastcgi_protocol::Limits::default()
         };
-        Ok(Arc::new(Shared {
+        let shared = Arc::new(Shared {
             pool: StatePool::new(
                 config.states,
                 usize::try_from(config.memory_total).unwrap_or(usize::MAX),
@@ -169,9 +185,12 @@ impl Shared {
             waiting: WaitingRoom::new(config.queue_max),
             tenants: TenantSlots::new(config.tenant_workers),
             refused_connections: AtomicU64::new(0),
+            metrics,
             config,
             shutdown,
-        }))
+        });
+        shared.metrics.attach(&shared);
+        Ok(shared)
     }
 
     /// The effective policy of a script (a cached lookup when warm).
@@ -335,6 +354,7 @@ impl Shared {
             self.lua_slots.clone(),
             self.ids.clone(),
             self.shutdown.clone(),
+            self.metrics.clone(),
         )?;
         shared.refused_connections.store(
             self.refused_connections
@@ -394,6 +414,7 @@ impl Live {
                     self.generation
                         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 }
+                new.metrics.reloaded();
                 new.audit.lifecycle(
                     "config_loaded",
                     serde_json::json!({"file": origin, "restart_needed": kept}),
@@ -431,6 +452,7 @@ pub struct Server {
     live: Arc<Live>,
     listeners: Vec<Bound>,
     http: Option<TcpListener>,
+    metrics: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
     limits: Option<ProcessLimits>,
 }
@@ -524,12 +546,17 @@ impl Server {
             Some(a) => Some(bind_tcp(a).await?),
             None => None,
         };
+        let metrics = match config.metrics {
+            Some(a) => Some(bind_tcp(a).await?),
+            None => None,
+        };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let shared = Shared::new(config, shutdown)?;
         Ok(Server {
             live: Arc::new(Live::new(shared)),
             listeners,
             http,
+            metrics,
             shutdown_tx,
             limits: None,
         })
@@ -571,6 +598,11 @@ impl Server {
         self.http.as_ref().and_then(|h| h.local_addr().ok())
     }
 
+    /// The metrics listener's address.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+    }
+
     /// What connections and workers share now (for tests and diagnostics).
     pub fn shared(&self) -> Arc<Shared> {
         self.live.current()
@@ -590,6 +622,7 @@ impl Server {
             live,
             listeners,
             http,
+            metrics,
             shutdown_tx,
             limits,
         } = self;
@@ -633,8 +666,19 @@ impl Server {
                 }
             }
         }
-        let http_task =
-            http.map(|h| tokio::spawn(crate::http::accept(h, live.clone(), connections.clone())));
+        // Stopped by abort at shutdown (they serve no FastCGI request to drain).
+        let mut side_tasks = Vec::new();
+        if let Some(h) = http {
+            side_tasks.push(tokio::spawn(crate::http::accept(
+                h,
+                live.clone(),
+                connections.clone(),
+            )));
+        }
+        if let Some(m) = metrics {
+            let counters = shared.metrics.clone();
+            side_tasks.push(tokio::spawn(crate::metrics::serve(m, counters)));
+        }
         // Report invalid policies at start (their subtrees answer `policy_error`); the
         // walk runs beside serving, never delaying it.
         let checked = shared.clone();
@@ -658,7 +702,7 @@ impl Server {
         for t in accept_tasks {
             let _ = t.await;
         }
-        if let Some(t) = http_task {
+        for t in &side_tasks {
             t.abort();
         }
         sweeper.abort();
@@ -859,6 +903,7 @@ async fn sweep(live: Arc<Live>) {
         let _ = tokio::task::spawn_blocking(move || s.rates.sweep()).await;
         shared.log_policy_report(&report);
         for key in retired {
+            shared.metrics.evicted(Eviction::Changed);
             shared.audit.lifecycle(
                 "state_evicted",
                 serde_json::json!({"script": shared.resolver.relative(&key), "reason": "changed"}),

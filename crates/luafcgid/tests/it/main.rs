@@ -7,6 +7,7 @@ mod corpus;
 mod fastcgi;
 mod faults;
 mod http;
+mod metrics;
 mod nginx;
 mod operations;
 mod policies;

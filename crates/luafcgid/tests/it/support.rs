@@ -24,6 +24,8 @@ pub struct Daemon {
     pub tcp: SocketAddr,
     pub unix: PathBuf,
     pub http: SocketAddr,
+    /// The metrics listener, when the overrides asked for one.
+    pub metrics: Option<SocketAddr>,
     pub log: PathBuf,
     pub shared: std::sync::Arc<luafcgid::server::Shared>,
     pub bound: Vec<ListenAddr>,
@@ -83,7 +85,12 @@ impl Daemon {
             rt.block_on(async move {
                 let server = Server::bind(config).await.unwrap();
                 addr_tx
-                    .send((server.local_addrs(), server.http_addr(), server.shared()))
+                    .send((
+                        server.local_addrs(),
+                        server.http_addr(),
+                        server.metrics_addr(),
+                        server.shared(),
+                    ))
                     .unwrap();
                 server
                     .run(async {
@@ -93,7 +100,7 @@ impl Daemon {
                     .unwrap();
             });
         });
-        let (addrs, http, shared): (Vec<ListenAddr>, _, _) = addr_rx.recv().unwrap();
+        let (addrs, http, metrics, shared): (Vec<ListenAddr>, _, _, _) = addr_rx.recv().unwrap();
         let tcp = addrs
             .iter()
             .filter(|a| matches!(a, ListenAddr::Tcp(t) if t.is_ipv4()))
@@ -108,6 +115,7 @@ impl Daemon {
             tcp,
             unix,
             http: http.unwrap(),
+            metrics,
             log,
             shared,
             bound: addrs,
