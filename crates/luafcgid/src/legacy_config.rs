@@ -652,7 +652,7 @@ logfile = "/var/log/luafcgid/luafcgid.log"
         assert_eq!(c.default_content_type, "text/plain");
         assert_eq!(c.defaults.entry.as_deref(), Some("serve"));
         assert_eq!(c.log.as_deref(), Some(Path::new("audit.jsonl")));
-        assert_eq!(c.defaults.state_max_requests, Some(100));
+        assert_eq!(c.defaults.state_max_requests, 100);
     }
 
     #[test]

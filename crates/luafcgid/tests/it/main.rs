@@ -6,6 +6,7 @@ mod cli;
 mod corpus;
 mod fastcgi;
 mod http;
+mod legacy_config;
 mod nginx;
 mod policies;
 mod rates;
