@@ -635,7 +635,9 @@ logfile = "/var/log/luafcgid/luafcgid.log"
         );
         assert_eq!(
             c.listen,
-            vec![crate::config::ListenAddr::Tcp("0.0.0.0:9001".parse().unwrap())]
+            vec![crate::config::ListenAddr::Tcp(
+                "0.0.0.0:9001".parse().unwrap()
+            )]
         );
         assert_eq!((c.workers, c.states, c.defaults.clones), (3, 7, 2));
         assert_eq!(c.sweep, Duration::from_millis(250));
@@ -666,7 +668,10 @@ logfile = "/var/log/luafcgid/luafcgid.log"
         let l = ok("listen = {'127.0.0.1:9000', '/run/l.sock'}\ndocroot = '/srv'\n");
         assert_eq!(
             l.raw.listen,
-            Some(vec!["127.0.0.1:9000".to_string(), "/run/l.sock".to_string()])
+            Some(vec![
+                "127.0.0.1:9000".to_string(),
+                "/run/l.sock".to_string()
+            ])
         );
         assert_eq!(l.raw.docroot, Some(vec![PathBuf::from("/srv")]));
     }
@@ -702,11 +707,16 @@ logfile = "/var/log/luafcgid/luafcgid.log"
         let l = ok("wrokers = 3\nfunction on_start() end\n_ENV[1] = true\n");
         assert_eq!(l.raw.workers, None);
         assert!(
-            l.warnings.iter().any(|w| w.contains("`wrokers` (a number)")),
+            l.warnings
+                .iter()
+                .any(|w| w.contains("`wrokers` (a number)")),
             "{:?}",
             l.warnings
         );
-        assert!(l.warnings.iter().any(|w| w.contains("`on_start` (a function)")));
+        assert!(l
+            .warnings
+            .iter()
+            .any(|w| w.contains("`on_start` (a function)")));
         let l = ok("for i = 1, 1000 do _ENV['k' .. i] = i end\n");
         assert_eq!(l.warnings.len(), MAX_UNKNOWN_WARNINGS + 1);
         assert!(l.warnings.last().unwrap().contains("968 more keys"));
@@ -715,20 +725,52 @@ logfile = "/var/log/luafcgid/luafcgid.log"
     #[test]
     fn wrong_types_name_the_key_and_what_was_expected() {
         for (text, key, expected) in [
-            ("workers = 'four'", "`workers`", "expected an integer, got a string"),
-            ("states = true", "`states`", "expected an integer, got a boolean"),
+            (
+                "workers = 'four'",
+                "`workers`",
+                "expected an integer, got a string",
+            ),
+            (
+                "states = true",
+                "`states`",
+                "expected an integer, got a boolean",
+            ),
             ("clones = 2.5", "`clones`", "expected an integer, got 2.5"),
             ("sweep = -1", "`sweep`", "must not be negative"),
             ("showerrors = 1", "`showerrors`", "expected a boolean"),
             ("maxpost = '1M'", "`maxpost`", "expected an integer"),
-            ("headers = 5", "`headers`", "expected a string or a list of strings, got a number"),
+            (
+                "headers = 5",
+                "`headers`",
+                "expected a string or a list of strings, got a number",
+            ),
             ("headers = {1}", "`headers`", "a list holding a number"),
-            ("httpstatus = 200", "`httpstatus`", "expected a string, got a number"),
-            ("contenttype = {}", "`contenttype`", "expected a string, got a table"),
-            ("handler = function() end", "`handler`", "expected a string, got a function"),
-            ("logfile = false", "`logfile`", "expected a string, got a boolean"),
+            (
+                "httpstatus = 200",
+                "`httpstatus`",
+                "expected a string, got a number",
+            ),
+            (
+                "contenttype = {}",
+                "`contenttype`",
+                "expected a string, got a table",
+            ),
+            (
+                "handler = function() end",
+                "`handler`",
+                "expected a string, got a function",
+            ),
+            (
+                "logfile = false",
+                "`logfile`",
+                "expected a string, got a boolean",
+            ),
             ("maxcount = 'x'", "`maxcount`", "expected an integer"),
-            ("listen = 9000", "`listen`", "expected a string or a list of strings"),
+            (
+                "listen = 9000",
+                "`listen`",
+                "expected a string or a list of strings",
+            ),
             ("workers = 1e300", "`workers`", "expected an integer"),
         ] {
             let e = err(text);
@@ -740,7 +782,12 @@ logfile = "/var/log/luafcgid/luafcgid.log"
 
     #[test]
     fn values_out_of_range_fail_our_validation() {
-        for text in ["workers = 0", "sweep = 5", "clones = 0", "httpstatus = 'OK'"] {
+        for text in [
+            "workers = 0",
+            "sweep = 5",
+            "clones = 0",
+            "httpstatus = 'OK'",
+        ] {
             let raw = ok(text).raw;
             let o = Overrides {
                 docroot: vec![std::env::temp_dir()],

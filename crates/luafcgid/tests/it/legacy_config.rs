@@ -85,8 +85,10 @@ fn the_original_samples_pass_check_with_a_warning_per_ignored_key() {
         assert_eq!(warnings.len(), ignored.len(), "{name}: {stderr}");
         for key in ignored {
             assert!(
-                warnings.iter().any(|w| w.contains(&format!("`{key}`"))
-                    && w.contains(&path.display().to_string())),
+                warnings
+                    .iter()
+                    .any(|w| w.contains(&format!("`{key}`"))
+                        && w.contains(&path.display().to_string())),
                 "{name}: no warning for {key}: {stderr}"
             );
         }
@@ -98,12 +100,21 @@ fn the_original_samples_pass_check_with_a_warning_per_ignored_key() {
 fn bad_config_lua_files_exit_64_naming_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     for (text, expected) in [
-        ("workers = 4\nstates = 'eight'\n", "bad.lua: `states`: expected an integer, got a string"),
+        (
+            "workers = 4\nstates = 'eight'\n",
+            "bad.lua: `states`: expected an integer, got a string",
+        ),
         ("workers = 4\nstates = = 8\n", "bad.lua:2: "),
         ("workers = 4\nos.exit(0)\n", "bad.lua:2: "),
         ("listen = ':9000'\nrequire('posix')\n", "bad.lua:2: "),
-        ("workers = 2\nwhile true do end\n", "bad.lua:2: evaluation stopped"),
-        ("t = {}\nfor i = 1, 1e9 do t[i] = i end\n", "bad.lua: evaluation stopped: more than"),
+        (
+            "workers = 2\nwhile true do end\n",
+            "bad.lua:2: evaluation stopped",
+        ),
+        (
+            "t = {}\nfor i = 1, 1e9 do t[i] = i end\n",
+            "bad.lua: evaluation stopped: more than",
+        ),
         // Mapped, then refused by the same validation as luafcgid.toml.
         ("sweep = 5\n", "`sweep_ms`: must be at least 10"),
     ] {
@@ -186,8 +197,7 @@ fn a_daemon_started_from_a_config_lua_serves_an_original_script() {
     assert_eq!(r.status, 413, "{r:?}");
     let stderr = p.stop();
     assert!(
-        stderr.contains("`daemonize` is accepted and ignored")
-            && stderr.contains("systemd"),
+        stderr.contains("`daemonize` is accepted and ignored") && stderr.contains("systemd"),
         "{stderr}"
     );
     let log = std::fs::read_to_string(&audit).unwrap();
