@@ -63,7 +63,7 @@ pub enum PolicyCommand {
 /// Where the tools that do not serve find the config and the scripts.
 #[derive(Debug, Args)]
 pub struct Roots {
-    /// Daemon config file (TOML): its `[defaults]` and `[ceiling]` start every policy chain.
+    /// Daemon config file (TOML, or an original luafcgid config.lua): its `[defaults]` and `[ceiling]` start every policy chain.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Document root. Repeatable.
@@ -147,7 +147,7 @@ impl RunArgs {
 /// Flags of `luafcgid serve`; they win over the config file.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Daemon config file (TOML).
+    /// Daemon config file (TOML, or an original luafcgid config.lua).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Validate the config and exit.

@@ -30,6 +30,10 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
+    /// An original `config.lua` could not be read as data (no line to name: too large,
+    /// memory limit).
+    #[error("{path}: {message}")]
+    Legacy { path: PathBuf, message: String },
     /// A value is out of range or malformed.
     #[error("{origin}: `{key}`: {message}")]
     Invalid {
@@ -266,13 +270,29 @@ pub fn metrics_addr(text: &str) -> Result<SocketAddr, String> {
 }
 
 impl RawConfig {
-    /// Reads and parses a config file.
+    /// Reads and parses a config file: `luafcgid.toml`, or an original luafcgid `config.lua`
+    /// when the name ends in `.lua` (see [`crate::legacy_config`]), whose warnings (keys
+    /// ignored or not known) are logged here.
     pub fn read(path: &Path) -> Result<RawConfig, ConfigError> {
+        let (raw, warnings) = RawConfig::read_with_warnings(path)?;
+        for w in warnings {
+            tracing::warn!("{}: {w}", path.display());
+        }
+        Ok(raw)
+    }
+
+    /// As [`RawConfig::read`], giving the warnings instead of logging them (a TOML file has
+    /// none: an unknown key there is an error).
+    pub fn read_with_warnings(path: &Path) -> Result<(RawConfig, Vec<String>), ConfigError> {
+        if crate::legacy_config::is_legacy(path) {
+            let legacy = crate::legacy_config::read(path)?;
+            return Ok((legacy.raw, legacy.warnings));
+        }
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        RawConfig::parse(&text, path)
+        Ok((RawConfig::parse(&text, path)?, Vec::new()))
     }
 
     /// Parses config text; `path` names it in errors.

@@ -14,6 +14,7 @@ pub mod config;
 pub mod conn;
 pub mod dispatch;
 pub mod http;
+pub mod legacy_config;
 pub mod metrics;
 pub mod oneshot;
 pub mod outcome;

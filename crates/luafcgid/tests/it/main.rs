@@ -7,6 +7,7 @@ mod corpus;
 mod fastcgi;
 mod faults;
 mod http;
+mod legacy_config;
 mod metrics;
 mod nginx;
 mod operations;
