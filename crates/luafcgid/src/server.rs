@@ -336,7 +336,7 @@ impl Shared {
         config.listen = self.config.listen.clone();
         config.socket_mode = self.config.socket_mode;
         config.http = self.config.http;
-        config.metrics = self.config.metrics.clone();
+        config.metrics = self.config.metrics;
         config.workers = self.config.workers;
         config.max_connections = self.config.max_connections;
         config.user = self.config.user.clone();

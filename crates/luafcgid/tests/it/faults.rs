@@ -66,12 +66,7 @@ impl Health {
 fn daemon(dir: &Path, config: &str) -> Process {
     let file = dir.join("luafcgid.toml");
     write(&file, config);
-    let log = dir.join("audit.jsonl");
-    Process::start_with(dir, &log, move |mut argv| {
-        argv.push("--config".into());
-        argv.push(file.into());
-        crate::support::command_of(argv)
-    })
+    Process::start_with_config(dir, &dir.join("audit.jsonl"), &file)
 }
 
 /// Runs a few requests of every kind first, so the allocator and the pool reach their
@@ -404,11 +399,7 @@ fn an_audit_log_that_cannot_be_reopened_keeps_the_old_file_and_says_so() {
     let file = dir.path().join("luafcgid.toml");
     write(&file, config);
     let log = logs.join("audit.jsonl");
-    let p = Process::start_with(dir.path(), &log, move |mut argv| {
-        argv.push("--config".into());
-        argv.push(file.into());
-        crate::support::command_of(argv)
-    });
+    let p = Process::start_with_config(dir.path(), &log, &file);
     p.hello();
     // Rotated away, and the directory closed to new files: the reopen fails.
     let rotated = logs.join("audit.jsonl.1");

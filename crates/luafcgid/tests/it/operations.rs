@@ -10,15 +10,6 @@ use crate::support::{
     audit_lines, params_for, requests, wait_for_event, write, Client, Load, Process, BOUND,
 };
 
-fn daemon_with_config(dir: &Path, log: &Path, config: &Path) -> Process {
-    let config = config.to_path_buf();
-    Process::start_with(dir, log, move |mut argv| {
-        argv.push("--config".into());
-        argv.push(config.into());
-        crate::support::command_of(argv)
-    })
-}
-
 fn hello_path(p: &Process) -> String {
     p.root.join("hello.lua").display().to_string()
 }
@@ -29,7 +20,7 @@ fn sighup_reloads_the_config_under_load_without_dropping_a_request() {
     let log = dir.path().join("audit.jsonl");
     let config: PathBuf = dir.path().join("luafcgid.toml");
     write(&config, "headers = [\"X-Generation: one\"]\n");
-    let p = daemon_with_config(dir.path(), &log, &config);
+    let p = Process::start_with_config(dir.path(), &log, &config);
     let load = Load::start(&p.sock, &hello_path(&p), 4, 1);
     load.wait_for("answers", |r| r.iter().flatten().count() >= 50);
 
@@ -98,7 +89,7 @@ fn sighup_keeps_keys_that_need_a_restart_and_says_so() {
     let log = dir.path().join("audit.jsonl");
     let config: PathBuf = dir.path().join("luafcgid.toml");
     write(&config, "max_connections = 100\n");
-    let p = daemon_with_config(dir.path(), &log, &config);
+    let p = Process::start_with_config(dir.path(), &log, &config);
     p.hello();
     write(&config, "max_connections = 50\n");
     p.signal("HUP");
@@ -349,7 +340,7 @@ fn gives_up_root_for_the_configured_user_after_binding() {
         .unwrap();
     std::os::unix::fs::chown(dir.path(), Some(nobody), None).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let p = daemon_with_config(dir.path(), &log, &config);
+    let p = Process::start_with_config(dir.path(), &log, &config);
     std::fs::set_permissions(&p.root, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(
         p.root.join("hello.lua"),

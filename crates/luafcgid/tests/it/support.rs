@@ -457,6 +457,16 @@ impl Process {
         Self::start_with(dir, log, command_of)
     }
 
+    /// [`Process::start`] with `--config config`.
+    pub fn start_with_config(dir: &Path, log: &Path, config: &Path) -> Process {
+        let config = config.to_path_buf();
+        Self::start_with(dir, log, move |mut argv| {
+            argv.push("--config".into());
+            argv.push(config.into());
+            command_of(argv)
+        })
+    }
+
     /// [`Process::start`], the command built by `wrap` from the daemon's argv (which it may
     /// extend, or run under another program); stdout and stderr are set afterwards.
     pub fn start_with(
