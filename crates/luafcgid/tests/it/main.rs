@@ -5,6 +5,7 @@ mod audit;
 mod cli;
 mod corpus;
 mod fastcgi;
+mod frontends;
 mod http;
 mod nginx;
 mod policies;
