@@ -562,7 +562,11 @@ impl FrontEnd {
                 .unwrap();
             let t = Instant::now();
             loop {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Ours only if it is still running once the port answers (a server that
+                // lost the port to another exits).
+                if TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && matches!(child.try_wait(), Ok(None))
+                {
                     return FrontEnd { child, port };
                 }
                 if let Ok(Some(_)) = child.try_wait() {
