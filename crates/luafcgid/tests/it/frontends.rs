@@ -351,128 +351,160 @@ fn caddy_recipe_over_unix_and_tcp() {
     );
 }
 
-/// The instance (0 or 1) whose audit log holds each request id.
-fn instance_of(logs: &[Vec<serde_json::Value>]) -> HashMap<String, (usize, serde_json::Value)> {
-    let mut by_id = HashMap::new();
-    for (i, lines) in logs.iter().enumerate() {
-        for l in requests(lines) {
-            by_id.insert(
-                l["request_id"].as_str().unwrap().to_string(),
-                (i, l.clone()),
-            );
-        }
-    }
-    by_id
+/// How the second instance goes away in the scale-out test.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Loss {
+    /// SIGTERM: it drains, removes its socket and exits.
+    Stopped,
+    /// SIGKILL: its socket file stays behind, refusing connections.
+    Killed,
 }
 
-#[test]
-fn nginx_scale_out_keeps_each_script_on_one_instance() {
-    // Each script counts the requests its state served: a state that stays warm counts on.
-    // An odd number of scripts, so that plain round robin would not keep them in place.
+/// Two daemons behind one nginx running `examples/nginx/scale-out.conf`: instance a
+/// in-process, instance b from the binary (so it can be killed). 21 scripts, each counting
+/// the requests its state served (an odd number, so that plain round robin would move
+/// them), are asked in four rounds; then b goes away and every script is asked twice more.
+fn scale_out(loss: Loss) {
     let names: Vec<String> = (0..21).map(|i| format!("s{i:02}.lua")).collect();
-    let files: Vec<(String, String)> = names
-        .iter()
-        .map(|n| {
-            (
-                n.clone(),
-                format!("n = 0\nfunction handler() n = n + 1 return '{n} ' .. n end\n"),
-            )
-        })
-        .collect();
-    let files: Vec<(&str, &str)> = files
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.as_str()))
-        .collect();
-    let mut a = Daemon::start("", &files);
-    let root = a.root.clone();
-    let mut b = Daemon::start_with("", &[], |o| o.docroot = vec![root.clone()]);
+    let dir = tempfile::tempdir().unwrap();
+    let b_log = dir.path().join("b.jsonl");
+    let mut b = Process::start(dir.path(), &b_log);
+    let root = b.root.clone();
+    for n in &names {
+        std::fs::write(
+            root.join(n),
+            format!("n = 0\nfunction handler() n = n + 1 return '{n} ' .. n end\n"),
+        )
+        .unwrap();
+    }
+    let mut a = Daemon::start_with("", &[], |o| o.docroot = vec![root.clone()]);
     let site = substitute(
         &example("nginx/scale-out.conf"),
         "/srv/www",
         &root.display().to_string(),
     );
     let site = substitute(&site, "/run/luafcgid-a.sock", &a.unix.display().to_string());
-    let site = substitute(&site, "/run/luafcgid-b.sock", &b.unix.display().to_string());
-    let nginx = start_nginx(&a.dir.path().join("nginx"), |port| {
+    let site = substitute(&site, "/run/luafcgid-b.sock", &b.sock.display().to_string());
+    let nginx = start_nginx(&dir.path().join("nginx"), |port| {
         substitute_once(&site, "listen 80;", &format!("listen 127.0.0.1:{port};"))
     });
-    let get = |name: &str, expected_count: usize| -> String {
+    // (script, request id, how many requests its state had served)
+    let get = |name: &str| -> (String, String, usize) {
         let r = nginx.http("GET", &format!("/{name}"), b"");
         assert_eq!(r.status, 200, "{name}: {r:?}");
-        assert_eq!(
-            r.text(),
-            format!("{name} {expected_count}"),
-            "{name}: its state went cold"
-        );
-        r.header("X-Request-Id").unwrap().to_string()
+        let text = r.text();
+        let count = text
+            .strip_prefix(&format!("{name} "))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: {text}"));
+        let id = r.header("X-Request-Id").unwrap().to_string();
+        (name.to_string(), id, count)
     };
 
-    // Both instances up: every round asks each script once.
     const ROUNDS: usize = 4;
-    let mut before: Vec<(String, String)> = Vec::new();
+    let mut before = Vec::new();
     for round in 1..=ROUNDS {
         for n in &names {
-            before.push((n.clone(), get(n, round)));
+            let (name, id, count) = get(n);
+            assert_eq!(count, round, "{name}: its state went cold");
+            before.push((name, id));
         }
     }
-    // Stop instance b: nginx moves its scripts to a, whose first request builds a state.
-    let b_lines = b.stop();
-    let b_ids: HashSet<&str> = requests(&b_lines)
-        .iter()
-        .map(|l| l["request_id"].as_str().unwrap())
-        .collect();
-    let on_b: HashSet<&String> = before
-        .iter()
-        .filter(|(_, id)| b_ids.contains(id.as_str()))
-        .map(|(n, _)| n)
-        .collect();
-    let mut after: Vec<(String, String)> = Vec::new();
-    for round in 1..=2 {
+    match loss {
+        Loss::Stopped => {
+            b.stop();
+        }
+        Loss::Killed => b.kill(),
+    }
+    let mut after = Vec::new();
+    for _ in 0..2 {
         for n in &names {
-            let count = if on_b.contains(n) {
-                round
-            } else {
-                ROUNDS + round
-            };
-            after.push((n.clone(), get(n, count)));
+            after.push(get(n));
         }
     }
     drop(nginx);
     let a_lines = a.stop();
-    let logs = instance_of(&[a_lines, b_lines]);
+    let on_a: HashMap<&str, &serde_json::Value> = requests(&a_lines)
+        .into_iter()
+        .map(|l| (l["request_id"].as_str().unwrap(), l))
+        .collect();
 
-    let mut served_by: HashMap<&str, HashSet<usize>> = HashMap::new();
-    for (i, (name, id)) in before.iter().enumerate() {
-        let (instance, line) = logs
-            .get(id)
-            .unwrap_or_else(|| panic!("{name}: request {id} in neither audit log"));
-        assert_eq!(line["script"], name.as_str());
-        served_by.entry(name).or_default().insert(*instance);
-        let first = i < names.len();
-        assert_eq!(
-            line["state"],
-            if first { "new" } else { "warm" },
-            "{name}: {line}"
+    // Before: each script on one instance, a new state on its first request, warm after.
+    let mut moved: HashSet<&str> = HashSet::new();
+    for n in &names {
+        let ids: Vec<&str> = before
+            .iter()
+            .filter(|(name, _)| name == n)
+            .map(|(_, id)| id.as_str())
+            .collect();
+        let here = ids.iter().filter(|id| on_a.contains_key(*id)).count();
+        assert!(
+            here == 0 || here == ROUNDS,
+            "{n} was served by both instances"
         );
+        if here == 0 {
+            moved.insert(n);
+        } else {
+            for (i, id) in ids.iter().enumerate() {
+                let state = if i == 0 { "new" } else { "warm" };
+                assert_eq!(on_a[id]["state"], state, "{n}: {}", on_a[id]);
+            }
+        }
     }
-    for (name, instances) in &served_by {
-        assert_eq!(instances.len(), 1, "{name} was served by both instances");
-    }
-    let per_instance = |i: usize| served_by.values().filter(|s| s.contains(&i)).count();
     assert!(
-        per_instance(0) > 0 && per_instance(1) > 0,
-        "the hash sent every script to one instance: a {} b {}",
-        per_instance(0),
-        per_instance(1)
+        !moved.is_empty() && moved.len() < names.len(),
+        "the hash sent every script to one instance ({} of {} to b)",
+        moved.len(),
+        names.len()
     );
-    for (i, (name, id)) in after.iter().enumerate() {
-        let (instance, line) = &logs[id];
-        assert_eq!(*instance, 0, "{name}: answered by the stopped instance");
-        let moved_first = i < names.len() && on_b.contains(name);
-        assert_eq!(
-            line["state"],
-            if moved_first { "new" } else { "warm" },
-            "{name}: {line}"
-        );
+    if loss == Loss::Stopped {
+        // b drained and wrote its log: it served exactly the scripts a did not.
+        let text = std::fs::read_to_string(&b_log).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let on_b: HashMap<&str, &serde_json::Value> = requests(&lines)
+            .into_iter()
+            .map(|l| (l["request_id"].as_str().unwrap(), l))
+            .collect();
+        let mut first = HashSet::new();
+        for (name, id) in &before {
+            if !moved.contains(name.as_str()) {
+                continue;
+            }
+            let line = on_b
+                .get(id.as_str())
+                .unwrap_or_else(|| panic!("{name}: request {id} in neither audit log"));
+            assert_eq!(line["script"], name.as_str());
+            let state = if first.insert(name) { "new" } else { "warm" };
+            assert_eq!(line["state"], state, "{name}: {line}");
+        }
     }
+
+    // After: all answered by a; b's scripts start a new state there, a's count on.
+    let mut first = HashSet::new();
+    for (name, id, count) in &after {
+        let line = on_a
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("{name}: {id} answered by the lost instance"));
+        let is_first = first.insert(name);
+        if moved.contains(name.as_str()) {
+            assert_eq!(*count, if is_first { 1 } else { 2 }, "{name}");
+            assert_eq!(line["state"], if is_first { "new" } else { "warm" });
+        } else {
+            assert_eq!(*count, ROUNDS + if is_first { 1 } else { 2 }, "{name}");
+            assert_eq!(line["state"], "warm", "{name}: {line}");
+        }
+    }
+}
+
+#[test]
+fn nginx_scale_out_keeps_each_script_on_one_instance() {
+    scale_out(Loss::Stopped);
+}
+
+#[test]
+fn nginx_scale_out_survives_a_killed_instance() {
+    scale_out(Loss::Killed);
 }
