@@ -443,11 +443,12 @@ impl Process {
             root,
             stderr,
         };
+        // Ready when the socket accepts: the file exists a moment before it listens.
         let t = Instant::now();
-        while !p.sock.exists() {
+        while UnixStream::connect(&p.sock).is_err() {
             if t.elapsed() > Duration::from_secs(10) || p.child.try_wait().unwrap().is_some() {
                 p.kill();
-                panic!("the daemon never created its socket");
+                panic!("the daemon never listened on its socket");
             }
             std::thread::yield_now();
         }
