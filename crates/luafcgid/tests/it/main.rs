@@ -6,6 +6,7 @@ mod cli;
 mod corpus;
 mod fastcgi;
 mod faults;
+mod frontends;
 mod http;
 mod legacy_config;
 mod metrics;

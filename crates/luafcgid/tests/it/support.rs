@@ -505,8 +505,8 @@ impl Process {
             root,
             stderr,
         };
+        // Ready when the socket accepts: the file exists a moment before it listens.
         let t = Instant::now();
-        // The socket file appears when it is bound, a moment before it listens.
         while UnixStream::connect(&p.sock).is_err() {
             if t.elapsed() > Duration::from_secs(10) || p.child.try_wait().unwrap().is_some() {
                 p.kill();
@@ -687,5 +687,181 @@ pub fn wait_for_event(log: &Path, event: &str) {
     while !has_event(log, event) {
         assert!(t.elapsed() < BOUND, "no {event} event in the audit log");
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A web server in front of the daemon, run in the foreground on a loopback port with a
+/// private config; killed (by its PID) when dropped.
+pub struct FrontEnd {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for FrontEnd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The first of `candidates` that exists; a missing front end fails the test.
+pub fn front_end_binary(name: &str, candidates: &[&str]) -> PathBuf {
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("{name} is required for the end-to-end tests (`.ci/run` installs it)")
+        })
+}
+
+impl FrontEnd {
+    /// Starts the command `command(port)` gives, on a fresh port, until one accepts
+    /// connections (bounded); a server that exits (its port was taken) is retried. `log`
+    /// is the server's error log (its stderr goes next to it), shown when it fails.
+    pub fn start(log: &Path, mut command: impl FnMut(u16) -> Command) -> FrontEnd {
+        for attempt in 0..5 {
+            let port = free_port();
+            let stderr = std::fs::File::create(log.with_extension("stderr")).unwrap();
+            let mut child = command(port)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap();
+            let t = Instant::now();
+            loop {
+                // Ours only if it is still running once the port answers (a server that
+                // lost the port to another exits).
+                if TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && matches!(child.try_wait(), Ok(None))
+                {
+                    return FrontEnd { child, port };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if t.elapsed() > Duration::from_secs(15) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let stderr = std::fs::read_to_string(log.with_extension("stderr")).unwrap_or_default();
+            eprintln!("front end attempt {attempt} on port {port} failed: {text}{stderr}");
+        }
+        panic!("the front end could not start; see {}", log.display());
+    }
+
+    /// One HTTP exchange with this front end.
+    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> HttpReply {
+        http_exchange(self.port, method, path, body)
+    }
+}
+
+/// Starts a private nginx in `dir` whose `http` block is `http_block(port)` (the port it
+/// must listen on); `fastcgi_params` is next to its config.
+pub fn start_nginx(dir: &Path, http_block: impl Fn(u16) -> String) -> FrontEnd {
+    let binary = front_end_binary(
+        "nginx",
+        &["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"],
+    );
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let params = [
+        "/etc/nginx/fastcgi_params",
+        "/usr/local/nginx/conf/fastcgi_params",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("nginx's fastcgi_params");
+    std::fs::copy(params, dir.join("fastcgi_params")).unwrap();
+    let log = dir.join("logs/error.log");
+    let conf_path = dir.join("nginx.conf");
+    FrontEnd::start(&log, |port| {
+        let conf = format!(
+            r#"
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {prefix}/logs/error.log warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    client_max_body_size 4m;
+{block}
+}}
+"#,
+            prefix = dir.display(),
+            block = http_block(port),
+        );
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut c = Command::new(&binary);
+        c.arg("-p").arg(dir).arg("-c").arg(&conf_path);
+        c
+    })
+}
+
+/// An HTTP response: status, header block, body.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.split("\r\n").skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// An HTTP/1.0 request on a fresh connection (so no server answers chunked), read to EOF.
+pub fn http_exchange(port: u16, method: &str, path: &str, body: &[u8]) -> HttpReply {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP header block: {:?}", String::from_utf8_lossy(&out)));
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status: {head}"));
+    HttpReply {
+        status,
+        head,
+        body: out[split + 4..].to_vec(),
     }
 }
