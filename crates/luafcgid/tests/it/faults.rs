@@ -436,3 +436,108 @@ fn wait_for_file(path: &Path) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[test]
+fn nginx_restarted_while_the_daemon_serves() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = daemon(dir.path(), "");
+    warm(&p, &["hello.lua"]);
+    let before = Health::of(&p);
+    let block = |port: u16| {
+        format!(
+            r#"
+    upstream luafcgid {{ server unix:{sock}; keepalive 8; }}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location ~ \.lua$ {{
+            include fastcgi_params;
+            fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;
+            fastcgi_keep_conn on;
+            fastcgi_pass luafcgid;
+        }}
+    }}
+"#,
+            sock = p.sock.display(),
+            root = p.root.display(),
+        )
+    };
+    let nginx_dir = dir.path().join("nginx");
+    let mut nginx = Some(crate::support::start_nginx(&nginx_dir, block));
+    // Clients send through whichever nginx runs (port 0: none), count what fails while it
+    // is down, and keep the request id of every answer.
+    let port = Arc::new(AtomicU16::new(nginx.as_ref().unwrap().port));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ids = Arc::new(Mutex::new(Vec::<String>::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (port, stop, ids) = (port.clone(), stop.clone(), ids.clone());
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let mut failed = 0u64;
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < BOUND {
+                    let now = port.load(Ordering::Relaxed);
+                    if now == 0 {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    match crate::support::try_http_exchange(now, "GET", "/hello.lua", b"") {
+                        Ok(r) => {
+                            assert_eq!((r.status, r.text().as_str()), (200, "Hello World"));
+                            let id = r.header("X-Request-Id").unwrap().to_string();
+                            ids.lock().unwrap().push(id);
+                        }
+                        Err(_) => failed += 1,
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let answered = |ids: &Mutex<Vec<String>>| ids.lock().unwrap().len();
+    let wait_answers = |n: usize| {
+        let t = Instant::now();
+        while answered(&ids) < n {
+            assert!(t.elapsed() < BOUND, "only {} answers", answered(&ids));
+            std::thread::yield_now();
+        }
+    };
+    for round in 1..=3 {
+        wait_answers(round * 200);
+        // Killed mid-load (SIGKILL: its connections to the daemon just vanish), then a
+        // new nginx with the same config on a new port.
+        port.store(0, Ordering::Relaxed);
+        drop(nginx.take());
+        nginx = Some(crate::support::start_nginx(&nginx_dir, block));
+        port.store(nginx.as_ref().unwrap().port, Ordering::Relaxed);
+    }
+    wait_answers(4 * 200);
+    stop.store(true, Ordering::Relaxed);
+    let failed: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    drop(nginx.take());
+    before.assert_recovered(&p, 16 * 1024);
+    p.stop();
+    // Every answer the clients got is one request line of the daemon's, exactly once;
+    // requests cut off by a kill are logged too (answered or aborted), never twice.
+    let lines = audit_lines(&dir.path().join("audit.jsonl"));
+    let mut logged: HashMap<String, usize> = HashMap::new();
+    for l in requests(&lines) {
+        *logged
+            .entry(l["request_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert!(logged.values().all(|n| *n == 1));
+    let ids = ids.lock().unwrap();
+    for id in ids.iter() {
+        assert_eq!(logged.get(id), Some(&1), "answer {id} has no audit line");
+    }
+    let extra = logged.len() - ids.len() - 3 - 1;
+    assert!(
+        extra as u64 <= failed,
+        "{extra} logged requests no client saw answered, {failed} failed"
+    );
+}

@@ -840,28 +840,44 @@ impl HttpReply {
 
 /// An HTTP/1.0 request on a fresh connection (so no server answers chunked), read to EOF.
 pub fn http_exchange(port: u16, method: &str, path: &str, body: &[u8]) -> HttpReply {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    try_http_exchange(port, method, path, body).unwrap()
+}
+
+/// [`http_exchange`], or the error when the server is gone or the answer is cut short.
+pub fn try_http_exchange(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<HttpReply> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let head = format!(
         "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
     let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
+    s.read_to_end(&mut out)?;
+    let cut = || {
+        std::io::Error::other(format!(
+            "no HTTP response: {:?}",
+            String::from_utf8_lossy(&out)
+        ))
+    };
     let split = out
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP header block: {:?}", String::from_utf8_lossy(&out)));
+        .ok_or_else(cut)?;
     let head = String::from_utf8_lossy(&out[..split]).into_owned();
     let status = head
         .get(9..12)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status: {head}"));
-    HttpReply {
+        .ok_or_else(cut)?;
+    Ok(HttpReply {
         status,
         head,
         body: out[split + 4..].to_vec(),
-    }
+    })
 }
