@@ -66,7 +66,10 @@ fn stops(body: &str, kind: LimitKind, limits: Limits) -> Duration {
         Err(Failure::Limit { kind: k, .. }) if *k == kind => {}
         other => panic!("{body}: expected the {kind} limit, got {other:?}"),
     }
-    let bound = timeout + (timeout / 10).max(Duration::from_millis(50));
+    // Late by at most a tenth (50 ms at least, 100 ms at least for short limits: this runs
+    // beside the other tests on two CPUs); never running on is what it guards against.
+    // How late it fires on a quiet machine: docs/performance.md, "Time-limit accuracy".
+    let bound = timeout + (timeout / 10).max(Duration::from_millis(100));
     assert!(elapsed <= bound, "{body}: took {elapsed:?}");
     assert!(
         closed < Duration::from_millis(500),
