@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 /// Every file of `fuzz/corpus/<target>`; the directory must exist and hold some.
 fn corpus(target: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|entry| entry.expect("a readable directory entry").path())
@@ -31,7 +33,10 @@ fn replay(target: &str, check: fn(&[u8])) {
             failed.push(path.display().to_string());
         }
     }
-    assert!(failed.is_empty(), "inputs failing the `{target}` check: {failed:#?}");
+    assert!(
+        failed.is_empty(),
+        "inputs failing the `{target}` check: {failed:#?}"
+    );
     eprintln!("{target}: {} inputs replayed", files.len());
 }
 

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 /// Every file of `fuzz/corpus/<target>`; the directory must exist and hold some.
 fn corpus(target: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|entry| entry.expect("a readable directory entry").path())
@@ -32,7 +34,10 @@ fn replay(target: &str, check: fn(&[u8])) {
             failed.push(path.display().to_string());
         }
     }
-    assert!(failed.is_empty(), "inputs failing the `{target}` check: {failed:#?}");
+    assert!(
+        failed.is_empty(),
+        "inputs failing the `{target}` check: {failed:#?}"
+    );
 }
 
 #[test]
@@ -50,5 +55,8 @@ fn config_corpus_replays_cleanly() {
 fn requests_check_runs_with_the_daemons_limits() {
     let limits = check::daemon_limits();
     assert_eq!(limits.max_params_bytes, 1 << 20);
-    assert_eq!(limits.max_body_bytes, luafcgid::config::builtin_ceiling().body);
+    assert_eq!(
+        limits.max_body_bytes,
+        luafcgid::config::builtin_ceiling().body
+    );
 }

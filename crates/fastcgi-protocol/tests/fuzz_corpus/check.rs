@@ -73,7 +73,10 @@ fn check_step(
         }
         Status::Complete((used, _)) => {
             let Status::Complete(h) = parse_header(buf) else {
-                panic!("a record consumed from {} bytes, less than a header", buf.len());
+                panic!(
+                    "a record consumed from {} bytes, less than a header",
+                    buf.len()
+                );
             };
             assert_eq!(*used, h.record_len(), "consumed other than one record");
             assert!(*used >= HEADER_LEN && *used <= buf.len());

@@ -46,7 +46,10 @@ pub fn policy(data: &[u8]) {
         }
     };
     assert_eq!(file.path(), path);
-    let mut ceilings = vec![Ceiling::unbounded(), Ceiling::from_policy(&Policy::default())];
+    let mut ceilings = vec![
+        Ceiling::unbounded(),
+        Ceiling::from_policy(&Policy::default()),
+    ];
     ceilings.extend(file.ceiling().cloned());
     for inherited in &ceilings {
         for p in &file.check(inherited) {
@@ -54,8 +57,14 @@ pub fn policy(data: &[u8]) {
         }
         if let Some(own) = file.ceiling() {
             let below = inherited.narrowed(own);
-            assert!(inherited.check_ceiling(&below).is_empty(), "narrowing widened");
-            assert!(own.check_ceiling(&below).is_empty(), "narrowing widened its own");
+            assert!(
+                inherited.check_ceiling(&below).is_empty(),
+                "narrowing widened"
+            );
+            assert!(
+                own.check_ceiling(&below).is_empty(),
+                "narrowing widened its own"
+            );
         }
         let mut policy = Policy::default();
         if policy.apply(file.fields()).is_ok() {

@@ -19,8 +19,8 @@ use std::sync::OnceLock;
 
 use arbitrary::{Arbitrary, Unstructured};
 use fastcgi_protocol::{
-    encode_pair, encode_record, parse_header, record_type, Decoder, Event, Limits, Params,
-    Status, FCGI_VERSION_1, HEADER_LEN, MAX_CONTENT_LEN, ROLE_RESPONDER,
+    encode_pair, encode_record, parse_header, record_type, Decoder, Event, Limits, Params, Status,
+    FCGI_VERSION_1, HEADER_LEN, MAX_CONTENT_LEN, ROLE_RESPONDER,
 };
 use luafcgid::config::{check_ceiling, Config, Overrides, RawConfig};
 
@@ -83,16 +83,34 @@ enum Step {
         cut: u16,
     },
     /// Params bytes as they are, in one record.
-    ParamsRaw { id: Id, bytes: Vec<u8> },
+    ParamsRaw {
+        id: Id,
+        bytes: Vec<u8>,
+    },
     /// The empty PARAMS record.
-    ParamsEnd { id: Id },
+    ParamsEnd {
+        id: Id,
+    },
     /// A STDIN record of `len` bytes of `fill`.
-    Stdin { id: Id, len: u16, fill: u8 },
+    Stdin {
+        id: Id,
+        len: u16,
+        fill: u8,
+    },
     /// The empty STDIN record.
-    StdinEnd { id: Id },
-    Abort { id: Id },
-    Data { id: Id, content: Vec<u8> },
-    GetValues { names: Vec<Vec<u8>> },
+    StdinEnd {
+        id: Id,
+    },
+    Abort {
+        id: Id,
+    },
+    Data {
+        id: Id,
+        content: Vec<u8>,
+    },
+    GetValues {
+        names: Vec<Vec<u8>>,
+    },
     /// Any record, with any padding.
     Record {
         kind: u8,
@@ -103,7 +121,9 @@ enum Step {
     /// Bytes as they are.
     Raw(Vec<u8>),
     /// The reply to `id` is written: the daemon finishes it.
-    Reply { id: Id },
+    Reply {
+        id: Id,
+    },
 }
 
 /// What the daemon decides when a request's params are complete.
@@ -128,7 +148,16 @@ fn record(kind: u8, id: u16, content: &[u8], padding: u8, out: &mut Vec<u8>) {
     let content = &content[..content.len().min(MAX_CONTENT_LEN)];
     let [id_hi, id_lo] = id.to_be_bytes();
     let [len_hi, len_lo] = (content.len() as u16).to_be_bytes();
-    out.extend_from_slice(&[FCGI_VERSION_1, kind, id_hi, id_lo, len_hi, len_lo, padding, 0]);
+    out.extend_from_slice(&[
+        FCGI_VERSION_1,
+        kind,
+        id_hi,
+        id_lo,
+        len_hi,
+        len_lo,
+        padding,
+        0,
+    ]);
     out.extend_from_slice(content);
     out.resize(out.len() + usize::from(padding), 0);
 }
@@ -335,21 +364,28 @@ impl<'a> Connection<'a> {
         match event {
             Event::ParamsComplete { id } => {
                 let params = self.decoder.params(id).expect("params of a complete id");
-                let sent = self.sent.get(&id).expect("params completed for an accepted id");
+                let sent = self
+                    .sent
+                    .get(&id)
+                    .expect("params completed for an accepted id");
                 assert_eq!(Ok(params), Params::decode(sent.params.clone()).as_ref());
                 let screen = self.next_screen();
                 if screen.limited {
                     self.decoder.finish(id);
                     self.sent.remove(&id);
                 } else {
-                    self.decoder.set_body_limit(id, u64::from(screen.body_limit));
+                    self.decoder
+                        .set_body_limit(id, u64::from(screen.body_limit));
                     let s = self.sent.get_mut(&id).expect("still accepted");
                     s.limit = u64::from(screen.body_limit).min(self.limits.max_body_bytes);
                 }
             }
             Event::Request(r) => {
                 self.requests += 1;
-                let s = self.sent.get_mut(&r.id).expect("a request for an accepted id");
+                let s = self
+                    .sent
+                    .get_mut(&r.id)
+                    .expect("a request for an accepted id");
                 assert!(!s.over, "request {} emitted twice or after an abort", r.id);
                 s.over = true;
                 assert_eq!(r.keep_conn, s.keep_conn);
@@ -402,7 +438,10 @@ impl<'a> Connection<'a> {
             })
             .sum();
         let held = self.decoder.buffered() as u64;
-        assert!(held <= bound, "decoder holds {held} bytes, limits allow {bound}");
+        assert!(
+            held <= bound,
+            "decoder holds {held} bytes, limits allow {bound}"
+        );
     }
 }
 
@@ -490,7 +529,10 @@ fn check_config(c: &Config) {
     assert!((1..=c.workers).contains(&c.tenant_workers));
     assert!(c.states >= 1 && c.queue_max >= 1 && c.max_connections >= 1);
     assert!((100..=599).contains(&c.default_status));
-    assert!(!c.listen.is_empty());
+    assert!(
+        !c.listen.is_empty() || c.http.is_some(),
+        "nothing to listen on"
+    );
     assert!(!c.docroots.is_empty() && c.docroots.iter().all(|d| d.is_absolute()));
     for (name, value) in &c.headers {
         assert!(!name.is_empty() && !value.contains(['\r', '\n', '\0']));
