@@ -379,6 +379,12 @@ impl RawConfig {
             None => None,
             Some(m) => Some(metrics_addr(&m).map_err(|msg| e("metrics", msg))?),
         };
+        if listen.is_empty() && http.is_none() {
+            return Err(e(
+                "listen",
+                "at least one address is required (or an `http` listener)".into(),
+            ));
+        }
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let workers = o.workers.or(self.workers).unwrap_or(cpus);
         if !(1..=1024).contains(&workers) {
@@ -659,6 +665,23 @@ mod tests {
         assert_eq!(c.defaults.instructions, 1000);
         assert_eq!(c.defaults.memory, 8 << 20);
         assert_eq!(c.defaults.clones, 2);
+    }
+
+    #[test]
+    fn empty_listen_is_refused_unless_http_listens() {
+        let raw = RawConfig::parse("listen = []", Path::new("c.toml")).unwrap();
+        let err = raw
+            .validate("c.toml", &overrides())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`listen`"), "{err}");
+        let raw = RawConfig::parse(
+            "listen = []\nhttp = \"127.0.0.1:8080\"",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let c = raw.validate("c.toml", &overrides()).unwrap();
+        assert!(c.listen.is_empty() && c.http.is_some());
     }
 
     #[test]

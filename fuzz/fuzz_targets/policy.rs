@@ -1,0 +1,9 @@
+//! Fuzz target `policy`: runs [`check::policy`] on each input. The check is shared with
+//! the corpus replay in `crates/luafcgid-policy/tests/fuzz_corpus.rs`.
+#![no_main]
+
+#[path = "../../crates/luafcgid-policy/tests/fuzz_corpus/check.rs"]
+#[allow(dead_code)]
+mod check;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::policy(data));
