@@ -1,10 +1,13 @@
 //! Runs the two bench binaries against each other on a unix socket in the
 //! temp directory: fcgi-const must answer what real clients send, and
-//! fcgi-load must count every request and report no errors.
+//! fcgi-load must count every request and report no errors. Then `scale` and
+//! `memory`, small, against the real daemon (the `luafcgid` binary that
+//! `cargo test --workspace` builds next to this package's binaries): every
+//! request answered, the audit log's states counted.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -183,7 +186,9 @@ fn load_generator_counts_every_request() {
         assert!(out.contains("requests    3000\n"), "{extra:?}: {out}");
         assert!(out.contains("errors      0\n"), "{extra:?}: {out}");
         assert!(out.contains("server cpu "), "{extra:?}: {out}");
+        assert!(out.contains("server rss "), "{extra:?}: {out}");
         assert!(out.contains("latency µs  p50 "), "{extra:?}: {out}");
+        assert!(out.contains(" p99.9 "), "{extra:?}: {out}");
     }
 }
 
@@ -200,4 +205,122 @@ fn load_generator_reports_a_dead_server_as_errors() {
     assert!(!output.status.success());
     assert!(stdout.contains("errors      10\n"), "{stdout}");
     assert!(stdout.contains("connect:"), "{stdout}");
+}
+
+/// The daemon binary next to this package's binaries.
+fn daemon_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_scale")).with_file_name("luafcgid");
+    assert!(
+        path.is_file(),
+        "{} missing: build it (cargo build -p luafcgid) or run cargo test --workspace",
+        path.display()
+    );
+    path
+}
+
+/// Runs a bench binary with `args`; its stdout, and whether it exited 0.
+fn run_bench(binary: &str, args: &[&str]) -> (String, bool) {
+    let output = Command::new(binary)
+        .arg("--daemon")
+        .arg(daemon_binary())
+        .args(args)
+        .output()
+        .expect("run the bench binary");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    (format!("{stdout}{stderr}"), output.status.success())
+}
+
+/// The number after `label` in `text` (`label` followed by digits).
+fn number_after(text: &str, label: &str) -> u64 {
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("no '{label}' in {text}"));
+    text[at + label.len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after '{label}' in {text}"))
+}
+
+#[test]
+fn scale_counts_warm_and_new_states_of_every_measured_request() {
+    // 60 scripts, 12 states: the Zipf stream must miss sometimes and hit mostly.
+    let (out, ok) = run_bench(
+        env!("CARGO_BIN_EXE_scale"),
+        &[
+            "--scripts",
+            "60",
+            "--tenants",
+            "6",
+            "--states",
+            "12",
+            "--warmup",
+            "300",
+            "--requests",
+            "1500",
+            "--connections",
+            "3",
+            "--samples",
+            "3",
+            "--max-secs",
+            "120",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("errors: 0 (requests sent 1800, audit log request lines 1800)"),
+        "{out}"
+    );
+    let measured = out
+        .split("measured requests: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no hit rate in {out}"));
+    let (warm, new) = (
+        number_after(measured, "(warm "),
+        number_after(measured, "new "),
+    );
+    assert_eq!(warm + new, 1500, "{out}");
+    assert!(warm > 0 && new > 0, "{out}");
+    assert!(
+        number_after(&out, "state_evicted during the measurement: ") > 0,
+        "{out}"
+    );
+    let sample_rows = out
+        .lines()
+        .filter(|l| {
+            let mut words = l.split_whitespace();
+            words.next().is_some_and(|w| w.parse::<u64>().is_ok())
+                && words.next() == Some("measured")
+        })
+        .count();
+    assert_eq!(sample_rows, 3, "{out}");
+    assert!(out.contains("target RSS ≤ 256 MiB"), "{out}");
+}
+
+#[test]
+fn scale_refuses_bad_flags_before_starting_anything() {
+    let (out, ok) = run_bench(env!("CARGO_BIN_EXE_scale"), &["--states", "0"]);
+    assert!(!ok);
+    assert!(out.contains("--states must be at least 1"), "{out}");
+}
+
+#[test]
+fn memory_keeps_every_state_warm_and_reports_it_per_state() {
+    let (out, ok) = run_bench(
+        env!("CARGO_BIN_EXE_memory"),
+        &["--states", "40", "--tenants", "4"],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("second pass: 40 of 40 requests served by a warm state"),
+        "{out}"
+    );
+    assert!(
+        out.contains("requests sent 81, audit log request lines 81, failures 0"),
+        "{out}"
+    );
+    assert!(out.contains("per warm state: "), "{out}");
+    assert!(out.contains("beyond a bare Lua state: "), "{out}");
 }
