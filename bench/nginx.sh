@@ -800,7 +800,7 @@ print_diagnostics() {
             sleep 0.1
         done
         echo "audit log (lua-unix, lua-tcp): ${lines:-0} request lines; wrk completed $measured measured + $warm warm-up requests, plus $checks checks"
-        echo "audit log policies and states: $(grep '"event":"request"' "$T/audit.log" | grep -o '"policy":[^]]*],\|"state":"[^"]*"' | sort | uniq -c |
+        echo "audit log policies and states: $(grep '"event":"request"' "$T/audit.log" | grep -o '"policy":[^]]*]\|"state":"[^"]*"' | sort | uniq -c |
             awk '{ c = $1; $1 = ""; printf "%s%s x%s", (NR > 1 ? "; " : ""), substr($0, 2), c }')"
         echo "audit log outcomes: $(grep '"event":"request"' "$T/audit.log" | grep -o '"outcome":"[^"]*"' | sort | uniq -c |
             awk '{ sub(/"outcome":/, "", $2); printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $2 }')"
