@@ -389,6 +389,7 @@ fn run(args: &Args) -> Result<bool, String> {
 
     let started = Instant::now();
     let idle = read(0, Duration::ZERO)?;
+    print_sample_head(&idle);
     let shared = Shared {
         next: AtomicU64::new(0),
         done: AtomicU64::new(0),
@@ -423,7 +424,14 @@ fn run(args: &Args) -> Result<bool, String> {
         loop {
             let done = shared.done.load(Ordering::Relaxed);
             while next_check < checkpoints.len() && done >= checkpoints[next_check] {
-                samples.push(read(done, started.elapsed())?);
+                let sample = read(done, started.elapsed())?;
+                print_sample(
+                    &sample,
+                    samples.last().unwrap_or(&idle),
+                    args.warmup,
+                    samples.is_empty(),
+                );
+                samples.push(sample);
                 next_check += 1;
             }
             if shared.finished.load(Ordering::Relaxed) == args.connections {
@@ -454,6 +462,12 @@ fn run(args: &Args) -> Result<bool, String> {
     let done = shared.done.load(Ordering::Relaxed);
     let end = read(done, started.elapsed())?;
     if samples.last().is_none_or(|s| s.done < done) {
+        print_sample(
+            &end,
+            samples.last().unwrap_or(&idle),
+            args.warmup,
+            samples.is_empty(),
+        );
         samples.push(end);
     }
 
@@ -483,6 +497,40 @@ fn run(args: &Args) -> Result<bool, String> {
     }
     println!("load average at end: {}", load_average());
     Ok(cut_short.is_none() && errors == 0 && done == total)
+}
+
+/// Prints the head of the table of samples.
+fn print_sample_head(idle: &Sample) {
+    println!();
+    println!(
+        "daemon memory, idle (before any request): RSS {:.1} MiB",
+        idle.memory.rss as f64 / MIB
+    );
+    println!(
+        "{:>22} {:>11} {:>9} {:>9} {:>10} {:>12}",
+        "after", "requests", "RSS MiB", "peak MiB", "req/s", "CPU µs/req"
+    );
+}
+
+/// Prints one sample, as it is taken: figures since `prev`.
+fn print_sample(s: &Sample, prev: &Sample, warmup: u64, first: bool) {
+    let label = if first && warmup > 0 && s.done >= warmup {
+        "warm-up".to_string()
+    } else {
+        format!("{} measured", s.done.saturating_sub(warmup))
+    };
+    let n = s.done.saturating_sub(prev.done);
+    let secs = s.at.saturating_sub(prev.at).as_secs_f64();
+    let cpu = s.cpu.saturating_sub(prev.cpu).as_secs_f64();
+    println!(
+        "{:>22} {:>11} {:>9.1} {:>9.1} {:>10.0} {:>12.2}",
+        label,
+        s.done,
+        s.memory.rss as f64 / MIB,
+        s.memory.peak as f64 / MIB,
+        n as f64 / secs.max(1e-9),
+        cpu * 1e6 / (n.max(1) as f64)
+    );
 }
 
 /// Everything measured, for printing.
@@ -516,37 +564,6 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 impl Report<'_> {
     fn print(mut self) {
         let args = self.args;
-        println!();
-        println!(
-            "daemon memory, idle (before any request): RSS {:.1} MiB",
-            self.idle.memory.rss as f64 / MIB
-        );
-        println!(
-            "{:>22} {:>11} {:>9} {:>9} {:>10} {:>12}",
-            "after", "requests", "RSS MiB", "peak MiB", "req/s", "CPU µs/req"
-        );
-        let mut prev = self.idle;
-        for (k, s) in self.samples.iter().enumerate() {
-            let label = if k == 0 && s.done >= args.warmup && args.warmup > 0 {
-                "warm-up".to_string()
-            } else {
-                format!("{} measured", s.done.saturating_sub(args.warmup))
-            };
-            let n = s.done.saturating_sub(prev.done);
-            let secs = s.at.saturating_sub(prev.at).as_secs_f64();
-            let cpu = s.cpu.saturating_sub(prev.cpu).as_secs_f64();
-            println!(
-                "{:>22} {:>11} {:>9.1} {:>9.1} {:>10.0} {:>12.2}",
-                label,
-                s.done,
-                s.memory.rss as f64 / MIB,
-                s.memory.peak as f64 / MIB,
-                n as f64 / secs.max(1e-9),
-                cpu * 1e6 / (n.max(1) as f64)
-            );
-            prev = *s;
-        }
-
         self.latencies.sort_unstable();
         let measured = self.latencies.len() as u64;
         let after_warmup = self
