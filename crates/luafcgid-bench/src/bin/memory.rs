@@ -8,10 +8,13 @@
 //! exactly one state), the default policy otherwise and the audit log to a file in the same
 //! directory. It reads the daemon's `VmRSS` idle (started, no request yet), after one
 //! request to `base.lua` (the runtime's first-request allocations done), after one request
-//! to each of the scripts (each now holds a warm state), and after a second pass over them
-//! all (which the audit log must show served `warm`, by the states of the first pass). Per
-//! warm state: (RSS after the first pass − RSS after `base.lua`) / scripts. The audit log's
-//! `memory` (the state's peak Lua heap during a request) of the second pass is reported too.
+//! to each of the scripts (each now holds a warm state), and after each further pass over
+//! them all (`--passes`, default 2 in all; the audit log must show those served `warm`, by
+//! the states of the first pass). Per warm state: (RSS after the first pass − RSS after
+//! `base.lua`) / scripts, and the same after the last pass, when each state has served
+//! `--passes` requests and holds their garbage until Lua's collector frees it. The audit
+//! log's `memory` (the state's peak Lua heap during a request) of the second and of the
+//! last pass is reported too.
 //!
 //! A bare Lua state, in this process: `mlua::Lua::new()` (all safe standard libraries) and
 //! a state with the daemon's default libraries (string, table, math, utf8, coroutine, os)
@@ -24,7 +27,7 @@
 //! benchmark does), or other scripts than hello world. Requests go one at a time on one
 //! connection; reads time out after 30 s. The daemon is killed by its PID (through its
 //! child handle) and the temporary directory removed on every way out. Exit status 0 when
-//! every request was answered 200 and the second pass was all warm, 1 otherwise, 2 when the
+//! every request was answered 200 and every pass after the first all warm, 1 otherwise, 2 when the
 //! run could not be set up.
 //!
 //! Run: `memory --daemon target/release/luafcgid`
@@ -54,6 +57,9 @@ struct Args {
     /// First-level directories (tenants) the scripts are spread over.
     #[arg(long, default_value_t = 10)]
     tenants: usize,
+    /// Requests to each script, one per pass over them all (at least 2).
+    #[arg(long, default_value_t = 2)]
+    passes: usize,
     /// Lua worker threads of the daemon (default: the daemon's, one per CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -72,6 +78,10 @@ fn main() {
     let args = Args::parse();
     if !(1..=MAX_STATES).contains(&args.states) {
         eprintln!("memory: --states must be between 1 and {MAX_STATES}");
+        std::process::exit(64);
+    }
+    if !(2..=10_000).contains(&args.passes) {
+        eprintln!("memory: --passes must be between 2 and 10000");
         std::process::exit(64);
     }
     if !(1..=10_000).contains(&args.tenants) {
@@ -125,15 +135,20 @@ fn default_libs_state() -> mlua::Lua {
     .expect("a Lua state with the standard libraries")
 }
 
-/// The median of the audit log's `memory` field over the `request` lines after the first
-/// `skip`.
-fn median_request_memory(log: &std::path::Path, skip: usize) -> Result<Option<u64>, String> {
+/// The median of the audit log's `memory` field over `take` `request` lines after the
+/// first `skip`.
+fn median_request_memory(
+    log: &std::path::Path,
+    skip: usize,
+    take: usize,
+) -> Result<Option<u64>, String> {
     let text = std::fs::read_to_string(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let mut values: Vec<u64> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["event"] == "request")
         .skip(skip)
+        .take(take)
         .filter_map(|v| v["memory"].as_u64())
         .collect();
     values.sort_unstable();
@@ -202,12 +217,19 @@ fn run(args: &Args) -> Result<bool, String> {
         ask(s, &mut failures);
     }
     let second_pass = read()?;
+    for _ in 2..args.passes {
+        for s in &scripts {
+            ask(s, &mut failures);
+        }
+    }
+    let last_pass = read()?;
     daemon.check_alive()?;
 
-    let sent = 1 + 2 * n as u64;
+    let sent = 1 + (args.passes * n) as u64;
     let logged = wait_for_requests(&log, sent, Duration::from_secs(10))?;
     let second = count_states(&log, 1 + n as u64)?;
-    let heap = median_request_memory(&log, 1 + n)?;
+    let heap = median_request_memory(&log, 1 + n, n)?;
+    let heap_last = median_request_memory(&log, 1 + (args.passes - 1) * n, n)?;
 
     let per_state = first_pass.rss.saturating_sub(one.rss) as f64 / n as f64;
     let beyond = per_state - bare.rss_per_state;
@@ -232,16 +254,31 @@ fn run(args: &Args) -> Result<bool, String> {
         first_pass,
     );
     show("after a second pass over them", second_pass);
+    if args.passes > 2 {
+        show(&format!("after {} passes", args.passes), last_pass);
+    }
     println!(
         "  per warm state: {:.1} KiB of RSS ((after the first pass − after one request) / {n})",
         per_state / KIB
     );
     println!(
-        "  second pass: {} of {} requests served by a warm state (audit log `state`); median Lua heap peak during a request (audit `memory`): {}",
-        second.warm,
-        second.requests,
-        heap.map_or("-".to_string(), |h| format!("{:.1} KiB", h as f64 / KIB))
+        "  passes after the first: {} of {} requests served by a warm state (audit log `state`)",
+        second.warm, second.requests,
     );
+    let kib = |h: Option<u64>| h.map_or("-".to_string(), |h| format!("{:.1} KiB", h as f64 / KIB));
+    println!(
+        "  median Lua heap peak during a request (audit `memory`): {} in the second pass, {} in pass {}",
+        kib(heap),
+        kib(heap_last),
+        args.passes
+    );
+    if args.passes > 2 {
+        println!(
+            "  per warm state after {} requests each: {:.1} KiB of RSS",
+            args.passes,
+            last_pass.rss.saturating_sub(one.rss) as f64 / n as f64 / KIB
+        );
+    }
     println!("bare Lua states in this process ({n} of each, kept alive):");
     println!(
         "  mlua::Lua::new() (all safe libraries):       heap {:.1} KiB, RSS {:.1} KiB per state",
@@ -272,5 +309,5 @@ fn run(args: &Args) -> Result<bool, String> {
         println!("    {f}");
     }
     drop((kept_all, kept));
-    Ok(failures.is_empty() && second.warm == n as u64 && logged >= sent)
+    Ok(failures.is_empty() && second.warm == ((args.passes - 1) * n) as u64 && logged >= sent)
 }

@@ -310,15 +310,19 @@ fn scale_refuses_bad_flags_before_starting_anything() {
 fn memory_keeps_every_state_warm_and_reports_it_per_state() {
     let (out, ok) = run_bench(
         env!("CARGO_BIN_EXE_memory"),
-        &["--states", "40", "--tenants", "4"],
+        &["--states", "40", "--tenants", "4", "--passes", "3"],
     );
     assert!(ok, "{out}");
     assert!(
-        out.contains("second pass: 40 of 40 requests served by a warm state"),
+        out.contains("passes after the first: 80 of 80 requests served by a warm state"),
         "{out}"
     );
     assert!(
-        out.contains("requests sent 81, audit log request lines 81, failures 0"),
+        out.contains("requests sent 121, audit log request lines 121, failures 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("per warm state after 3 requests each: "),
         "{out}"
     );
     assert!(out.contains("per warm state: "), "{out}");
