@@ -77,8 +77,9 @@ impl Drop for TempDir {
     }
 }
 
-/// The daemon child process, killed (by its PID) and reaped on drop. Declare it after the
-/// [`TempDir`] holding its files, so it is dropped first.
+/// The daemon child process, killed (by its PID) and reaped on drop, and killed by the
+/// kernel if the thread that started it ends first. Declare it after the [`TempDir`]
+/// holding its files, so it is dropped first.
 #[derive(Debug)]
 pub struct Daemon {
     child: Child,
@@ -95,7 +96,9 @@ impl Daemon {
         stderr: &Path,
     ) -> Result<Daemon, String> {
         let err_file = File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        crate::epoll::kill_with_parent(&mut command);
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(config)

@@ -25,8 +25,10 @@
 //!
 //! It does not measure states under load, request garbage over many requests (the scale
 //! benchmark does), or other scripts than hello world. Requests go one at a time on one
-//! connection; reads time out after 30 s. The daemon is killed by its PID (through its
-//! child handle) and the temporary directory removed on every way out. Exit status 0 when
+//! connection; reads time out after 30 s. SIGINT, SIGTERM and SIGHUP end the run between
+//! two requests. The daemon is killed by its PID (through its child handle) and the
+//! temporary directory removed on every way out; if this program is killed outright, the
+//! kernel kills the daemon (`PR_SET_PDEATHSIG`). Exit status 0 when
 //! every request was answered 200 and every pass after the first all warm, 1 otherwise, 2 when the
 //! run could not be set up.
 //!
@@ -42,6 +44,7 @@ use luafcgid_bench::daemon::{
     build_request, count_states, daemon_binary, exchange, hello_scripts, load_average, toml_path,
     wait_for_requests, Daemon, TempDir,
 };
+use luafcgid_bench::epoll::{catch_interrupts, interrupted};
 use luafcgid_bench::{process_memory, Resident};
 
 /// Resident memory of the daemon idle and per warm hello-world state, against a bare Lua state.
@@ -156,6 +159,7 @@ fn median_request_memory(
 }
 
 fn run(args: &Args) -> Result<bool, String> {
+    catch_interrupts().map_err(|e| format!("cannot catch signals: {e}"))?;
     let binary = daemon_binary(args.daemon.as_deref())?;
     let n = args.states;
 
@@ -199,27 +203,31 @@ fn run(args: &Args) -> Result<bool, String> {
         .map_err(|e| format!("socket: {e}"))?;
     let (mut buf, mut head) = (Vec::new(), Vec::new());
     let mut failures: Vec<String> = Vec::new();
-    let mut ask = |path: &std::path::Path, failures: &mut Vec<String>| {
+    let mut ask = |path: &std::path::Path, failures: &mut Vec<String>| -> Result<(), String> {
+        if interrupted() {
+            return Err("interrupted by a signal".into());
+        }
         let request = build_request(path, &www, "", true);
         match exchange(&mut stream, &request, &mut buf, &mut head) {
             Ok(200) => {}
             Ok(status) => failures.push(format!("{}: status {status}", path.display())),
             Err(e) => failures.push(format!("{}: {e}", path.display())),
         }
+        Ok(())
     };
-    ask(&base, &mut failures);
+    ask(&base, &mut failures)?;
     let one = read()?;
     for s in &scripts {
-        ask(s, &mut failures);
+        ask(s, &mut failures)?;
     }
     let first_pass = read()?;
     for s in &scripts {
-        ask(s, &mut failures);
+        ask(s, &mut failures)?;
     }
     let second_pass = read()?;
     for _ in 2..args.passes {
         for s in &scripts {
-            ask(s, &mut failures);
+            ask(s, &mut failures)?;
         }
     }
     let last_pass = read()?;

@@ -26,8 +26,10 @@
 //! It does not measure TCP, request bodies, scripts that change during the run, or a front
 //! end. Bounded: at most 20 million requests (the sequence and the latencies are held in
 //! memory), `--max-secs` (900) of load, after which the connections stop; every read times
-//! out after 30 s. The daemon is killed by its PID (through its child handle) and the
-//! temporary directory removed on every way out. Exit status 0 when every request was
+//! out after 30 s. SIGINT, SIGTERM and SIGHUP stop the load the same way. The daemon is
+//! killed by its PID (through its child handle) and the temporary directory removed on
+//! every way out; if this program is killed outright, the kernel kills the daemon
+//! (`PR_SET_PDEATHSIG`). Exit status 0 when every request was
 //! answered 200, 1 when some were not or the run was cut short, 2 when it could not be set
 //! up.
 //!
@@ -45,6 +47,7 @@ use luafcgid_bench::daemon::{
     build_request, count_states, daemon_binary, exchange, hello_scripts, load_average, toml_path,
     wait_for_requests, Daemon, StateCounts, TempDir,
 };
+use luafcgid_bench::epoll::{catch_interrupts, interrupted};
 use luafcgid_bench::{process_cpu_time, process_memory, Resident};
 
 /// Many distinct scripts, a skewed request stream, fewer states: hit rate, req/s, RSS.
@@ -319,6 +322,7 @@ fn connection(
 }
 
 fn run(args: &Args) -> Result<bool, String> {
+    catch_interrupts().map_err(|e| format!("cannot catch signals: {e}"))?;
     let binary = daemon_binary(args.daemon.as_deref())?;
     let dir = TempDir::create("luafcgid-scale")?;
     let www = dir.path().join("www");
@@ -437,6 +441,10 @@ fn run(args: &Args) -> Result<bool, String> {
             }
             if shared.finished.load(Ordering::Relaxed) == args.connections {
                 break;
+            }
+            if interrupted() && cut_short.is_none() {
+                cut_short = Some("interrupted by a signal".to_string());
+                shared.stop.store(true, Ordering::Relaxed);
             }
             if started.elapsed() > limit && cut_short.is_none() {
                 cut_short = Some(format!("stopped after --max-secs {}", args.max_secs));

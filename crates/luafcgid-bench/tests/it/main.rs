@@ -328,3 +328,154 @@ fn memory_keeps_every_state_warm_and_reports_it_per_state() {
     assert!(out.contains("per warm state: "), "{out}");
     assert!(out.contains("beyond a bare Lua state: "), "{out}");
 }
+
+/// A running `scale` with a long run ahead, its stdout read line by line on a thread.
+struct LongScale {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl LongScale {
+    /// Starts it and waits (at most 60 s) for the line naming the daemon's pid.
+    fn start() -> (LongScale, u32) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_scale"))
+            .arg("--daemon")
+            .arg(daemon_binary())
+            .args(["--scripts", "100", "--tenants", "4", "--states", "20"])
+            .args([
+                "--warmup",
+                "0",
+                "--requests",
+                "10000000",
+                "--max-secs",
+                "120",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start scale");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut run = LongScale {
+            child,
+            lines,
+            seen: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = run
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no daemon pid from scale: {}", run.seen));
+            run.seen.push_str(&line);
+            run.seen.push('\n');
+            if line.contains("daemon pid ") {
+                let pid = number_after(&line, "daemon pid ") as u32;
+                return (run, pid);
+            }
+        }
+    }
+
+    /// Sends `signal` to scale (with kill(1)).
+    fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {signal} failed");
+    }
+
+    /// Waits (at most 60 s) for scale to exit; its exit code and everything it printed.
+    fn wait(&mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                }
+                return (status.code(), self.seen.clone());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scale did not exit: {}",
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Temporary directories this scale created (`luafcgid-scale-PID-...`).
+    fn temp_dirs(&self) -> Vec<PathBuf> {
+        let prefix = format!("luafcgid-scale-{}-", self.child.id());
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
+    }
+}
+
+impl Drop for LongScale {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for dir in self.temp_dirs() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet), polled for at most
+/// 10 s.
+fn process_ends(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(") ").next().map(|r| r.chars().next()));
+        if matches!(state, None | Some(Some('Z'))) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn scale_stops_its_daemon_and_removes_its_files_on_sigint() {
+    let (mut run, daemon) = LongScale::start();
+    run.signal("-INT");
+    let (code, out) = run.wait();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("run cut short: interrupted by a signal"),
+        "{out}"
+    );
+    assert!(process_ends(daemon), "daemon {daemon} still running");
+    assert!(run.temp_dirs().is_empty(), "{:?}", run.temp_dirs());
+}
+
+#[test]
+fn the_daemon_dies_with_a_killed_benchmark() {
+    let (mut run, daemon) = LongScale::start();
+    run.signal("-KILL");
+    let (code, out) = run.wait();
+    assert_eq!(code, None, "{out}");
+    assert!(process_ends(daemon), "daemon {daemon} outlived scale");
+}
