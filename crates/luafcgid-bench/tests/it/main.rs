@@ -387,10 +387,11 @@ impl LongScale {
         }
     }
 
-    /// Sends `signal` to scale (with kill(1)).
+    /// Sends `signal` to scale (with the shell's `kill`, which every system has).
     fn signal(&self, signal: &str) {
-        let ok = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill {signal} {}", self.child.id()))
             .status()
             .expect("run kill")
             .success();
