@@ -3,10 +3,15 @@
 //! and reaped on drop, and the pieces of FastCGI a benchmark client needs (a GET request
 //! as nginx sends it, the CGI status of a reply).
 //!
-//! Used by `limit-accuracy` and `fairness`. Each writes its own config; nothing here
-//! chooses a limit or a setting of the daemon.
+//! Also: a tree of distinct hello-world scripts spread over tenant directories, a blocking
+//! request/reply exchange on one keep-alive connection, and counting the audit log's
+//! `request` lines by their `state` (`warm`/`new`).
+//!
+//! Used by `limit-accuracy`, `fairness`, `scale` and `memory`. Each writes its own config;
+//! nothing here chooses a limit or a setting of the daemon.
 
 use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,8 +77,9 @@ impl Drop for TempDir {
     }
 }
 
-/// The daemon child process, killed (by its PID) and reaped on drop. Declare it after the
-/// [`TempDir`] holding its files, so it is dropped first.
+/// The daemon child process, killed (by its PID) and reaped on drop, and killed by the
+/// kernel if the thread that started it ends first. Declare it after the [`TempDir`]
+/// holding its files, so it is dropped first.
 #[derive(Debug)]
 pub struct Daemon {
     child: Child,
@@ -90,7 +96,9 @@ impl Daemon {
         stderr: &Path,
     ) -> Result<Daemon, String> {
         let err_file = File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        crate::epoll::kill_with_parent(&mut command);
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(config)
@@ -282,6 +290,119 @@ pub fn cgi_status(stdout: &[u8]) -> u16 {
     200
 }
 
+/// Writes `count` distinct hello-world scripts under `docroot`, spread evenly over `tenants`
+/// first-level directories (`t000/s00000.lua`, `t001/s00001.lua`, ...: script `i` is in
+/// directory `i % tenants`). Each answers `Hello World`; each differs from the others by a
+/// constant naming it, so no two are the same chunk. Returns their paths, script `i` at `i`.
+pub fn hello_scripts(docroot: &Path, count: usize, tenants: usize) -> Result<Vec<PathBuf>, String> {
+    let tenants = tenants.max(1);
+    for t in 0..tenants.min(count) {
+        let dir = docroot.join(format!("t{t:03}"));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    (0..count)
+        .map(|i| {
+            let path = docroot.join(format!("t{:03}/s{i:05}.lua", i % tenants));
+            let text =
+                format!("local id = {i}\ns = \"Hello World\"\nfunction handler() return s end\n");
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(path)
+        })
+        .collect()
+}
+
+/// Sends one request on a blocking keep-alive connection and reads until its
+/// `END_REQUEST`: the CGI status, or why there is none. `buf` holds bytes read past the
+/// reply (none with one request in flight); `head` is cleared and gets the start of STDOUT.
+pub fn exchange(
+    stream: &mut UnixStream,
+    request: &[u8],
+    buf: &mut Vec<u8>,
+    head: &mut Vec<u8>,
+) -> Result<u16, String> {
+    stream
+        .write_all(request)
+        .map_err(|e| format!("write: {e}"))?;
+    head.clear();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = drain_replies(buf, head) {
+            return end;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err("connection closed before END_REQUEST".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+/// The audit log's `request` lines, counted by their `state` field, and its
+/// `state_evicted` events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    /// `request` lines counted (after the skipped ones).
+    pub requests: u64,
+    /// Of those, `"state":"warm"`: served by a state that had served before.
+    pub warm: u64,
+    /// Of those, `"state":"new"`: a state created for the request.
+    pub new: u64,
+    /// `state_evicted` events after the skipped request lines.
+    pub evicted: u64,
+}
+
+impl StateCounts {
+    /// `warm / (warm + new)`, or 0 when there were none.
+    pub fn hit_rate(&self) -> f64 {
+        let served = self.warm + self.new;
+        if served == 0 {
+            0.0
+        } else {
+            self.warm as f64 / served as f64
+        }
+    }
+}
+
+/// Counts the audit log at `log` (see [`StateCounts`]), leaving out the first `skip`
+/// `request` lines and the events before them.
+pub fn count_states(log: &Path, skip: u64) -> Result<StateCounts, String> {
+    let file = File::open(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut counts = StateCounts::default();
+    let mut seen = 0u64;
+    for line in BufReader::with_capacity(1 << 20, file).split(b'\n') {
+        let line = line.map_err(|e| format!("{}: {e}", log.display()))?;
+        if find(&line, b"\"event\":\"request\"").is_some() {
+            seen += 1;
+            if seen <= skip {
+                continue;
+            }
+            counts.requests += 1;
+            if find(&line, b"\"state\":\"warm\"").is_some() {
+                counts.warm += 1;
+            } else if find(&line, b"\"state\":\"new\"").is_some() {
+                counts.new += 1;
+            }
+        } else if seen >= skip && find(&line, b"\"event\":\"state_evicted\"").is_some() {
+            counts.evicted += 1;
+        }
+    }
+    Ok(counts)
+}
+
+/// Waits until the audit log at `log` holds at least `want` `request` lines (the daemon
+/// writes it from a thread of its own), at most `patience`. Returns how many it holds.
+pub fn wait_for_requests(log: &Path, want: u64, patience: Duration) -> Result<u64, String> {
+    let started = Instant::now();
+    loop {
+        let have = count_states(log, 0)?.requests;
+        if have >= want || started.elapsed() > patience {
+            return Ok(have);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The first position of `needle` in `haystack`.
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() || haystack.len() < needle.len() {
@@ -317,6 +438,58 @@ mod tests {
         );
         assert!(find(&req, b"/loop.lua?limit-accuracy=1.7").is_some());
         assert!(find(&req, b"/srv/corpus/loop.lua").is_some());
+    }
+
+    #[test]
+    fn hello_scripts_are_distinct_and_spread_over_tenants() {
+        let dir = TempDir::create("luafcgid-bench-hello").unwrap();
+        let paths = hello_scripts(dir.path(), 25, 10).unwrap();
+        assert_eq!(paths.len(), 25);
+        assert_eq!(paths[13], dir.path().join("t003/s00013.lua"));
+        let texts: std::collections::HashSet<String> = paths
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        assert_eq!(texts.len(), 25);
+        assert!(texts.iter().all(|t| t.contains("\"Hello World\"")));
+        let dirs = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(dirs, 10);
+    }
+
+    #[test]
+    fn states_are_counted_after_the_skipped_requests() {
+        let dir = TempDir::create("luafcgid-bench-audit").unwrap();
+        let log = dir.path().join("audit.jsonl");
+        std::fs::write(
+            &log,
+            concat!(
+                "{\"event\":\"start\"}\n",
+                "{\"event\":\"request\",\"state\":\"new\"}\n",
+                "{\"event\":\"state_evicted\",\"reason\":\"states\"}\n",
+                "{\"event\":\"request\",\"state\":\"new\"}\n",
+                "{\"event\":\"request\",\"state\":\"warm\"}\n",
+                "{\"event\":\"state_evicted\",\"reason\":\"states\"}\n",
+                "{\"event\":\"request\",\"state\":\"warm\"}\n",
+                "{\"event\":\"request\",\"state\":null}\n",
+            ),
+        )
+        .unwrap();
+        let all = count_states(&log, 0).unwrap();
+        assert_eq!((all.requests, all.warm, all.new, all.evicted), (5, 2, 2, 2));
+        assert!((all.hit_rate() - 0.5).abs() < 1e-9);
+        let later = count_states(&log, 2).unwrap();
+        assert_eq!(
+            (later.requests, later.warm, later.new, later.evicted),
+            (3, 2, 0, 1)
+        );
+        assert_eq!(
+            wait_for_requests(&log, 5, Duration::from_secs(1)).unwrap(),
+            5
+        );
+        assert_eq!(
+            wait_for_requests(&log, 6, Duration::from_millis(100)).unwrap(),
+            5
+        );
     }
 
     #[test]

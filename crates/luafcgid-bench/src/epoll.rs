@@ -1,11 +1,15 @@
 //! A minimal, level-triggered epoll wrapper, a one-shot monotonic timer (`timerfd`) to
-//! wake an epoll loop at a precise time, the calling thread's timer slack, and
-//! `sysconf(_SC_CLK_TCK)`: the only `unsafe` code of the bench tools, each call a thin FFI
-//! wrapper.
+//! wake an epoll loop at a precise time, the calling thread's timer slack,
+//! `sysconf(_SC_CLK_TCK)`, a child process that gets SIGKILL when its parent dies, and
+//! SIGINT/SIGTERM/SIGHUP turned into a flag: the only `unsafe` code of the bench tools,
+//! each call a thin FFI wrapper.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Readable.
@@ -175,6 +179,54 @@ pub fn set_timer_slack(slack: Duration) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Makes the child that `command` starts get SIGKILL when the thread that starts it ends
+/// (`PR_SET_PDEATHSIG`): a benchmark killed before it can stop its daemon takes the daemon
+/// with it.
+pub fn kill_with_parent(command: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+    // which is async-signal-safe, with integer arguments.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_interrupt(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// From now on SIGINT, SIGTERM and SIGHUP set a flag ([`interrupted`]) instead of ending
+/// the process, so that a benchmark can stop its load, its daemon and remove its files
+/// first. Interrupted system calls are restarted.
+pub fn catch_interrupts() -> io::Result<()> {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic,
+        // which is async-signal-safe; no old action is read back.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = note_interrupt as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Whether one of the signals [`catch_interrupts`] catches has arrived.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// `sysconf(_SC_CLK_TCK)`: the unit of `/proc/PID/stat` CPU times.

@@ -1,9 +1,10 @@
 //! Support for the benchmark tools `fcgi-load` (a FastCGI load generator),
 //! `fcgi-const` (a constant-answer FastCGI responder, the ceiling of the
-//! FastCGI path), `limit-accuracy` and `fairness` (both run the real daemon):
+//! FastCGI path), `limit-accuracy`, `fairness`, `scale` and `memory` (all four
+//! run the real daemon):
 //! socket addresses that are either a unix path or `host:port`, a minimal
 //! epoll wrapper and timer, running the daemon in a temporary directory
-//! ([`daemon`]), and CPU time and scheduler waits from `/proc`.
+//! ([`daemon`]), and CPU time, resident memory and scheduler waits from `/proc`.
 //!
 //! Linux only. It is measurement tooling, not part of the daemon: no limits,
 //! no timeouts beyond what the tools need, no graceful shutdown.
@@ -180,6 +181,38 @@ pub fn process_cpu_time(pid: &str) -> io::Result<Duration> {
     ))
 }
 
+/// Resident memory of a process, from `/proc/PID/status` (`"self"` for this process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resident {
+    /// `VmRSS`: resident now, in bytes.
+    pub rss: u64,
+    /// `VmHWM`: the most it has been resident, in bytes.
+    pub peak: u64,
+}
+
+/// `VmRSS` and `VmHWM` of a process (`"self"` for this process).
+pub fn process_memory(pid: &str) -> io::Result<Resident> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> io::Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("no {name} in /proc/{pid}/status"),
+                )
+            })
+    };
+    Ok(Resident {
+        rss: field("VmRSS:")?,
+        peak: field("VmHWM:")?,
+    })
+}
+
 /// Scheduler counters of every thread of a process: thread id → (nanoseconds on a CPU,
 /// nanoseconds runnable but waiting for one), from `/proc/PID/task/*/schedstat`. Empty
 /// when the kernel does not keep them.
@@ -247,6 +280,20 @@ mod tests {
             Address::parse("127.0.0.1:9000"),
             Address::Tcp("127.0.0.1:9000".into())
         );
+    }
+
+    #[test]
+    fn own_resident_memory_grows_with_a_touched_allocation() {
+        let before = process_memory("self").unwrap();
+        assert!(before.rss > 0 && before.peak >= before.rss, "{before:?}");
+        let block = vec![1u8; 64 << 20];
+        let after = process_memory("self").unwrap();
+        std::hint::black_box(&block);
+        assert!(
+            after.rss >= before.rss + (32 << 20),
+            "{before:?} -> {after:?}"
+        );
+        assert!(process_memory("0").is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `fcgi-load`: a FastCGI load generator. It speaks to a responder directly,
 //! as nginx would (the same ~20 params, `FCGI_KEEP_CONN`, request id 1, one
 //! request in flight per connection), and reports throughput, latency
-//! percentiles and, given the server's pid, the server's CPU time per request.
+//! percentiles (p50, p99, p99.9) and, given the server's pid, the server's CPU time per
+//! request and its resident memory before and after (`/proc/PID/stat`, `/proc/PID/status`).
 //!
 //! Each thread owns a share of the connections and drives them with
 //! non-blocking sockets and one epoll loop. A response counts as an error
@@ -20,7 +21,7 @@ use clap::Parser;
 use fastcgi_protocol::client::{self, decode_reply, Reply};
 use fastcgi_protocol::{ProtocolStatus, Status};
 use luafcgid_bench::epoll::{self, Epoll, Ready};
-use luafcgid_bench::{process_cpu_time, Address, Stream};
+use luafcgid_bench::{process_cpu_time, process_memory, Address, Stream};
 
 /// A FastCGI load generator.
 #[derive(Debug, Parser)]
@@ -86,6 +87,7 @@ fn main() {
     let threads = args.threads.min(args.connections);
     let server_pid = args.server_pid.map(|p| p.to_string());
     let server_before = server_pid.as_deref().map(process_cpu_time);
+    let server_memory_before = server_pid.as_deref().and_then(|p| process_memory(p).ok());
     let client_before = process_cpu_time("self");
     let started = Instant::now();
 
@@ -131,7 +133,20 @@ fn main() {
             }
         }
     }
+    let server_memory = server_pid
+        .as_deref()
+        .and_then(|p| process_memory(p).ok())
+        .and_then(|after| server_memory_before.map(|before| (before, after)));
     report(&args, &total, elapsed, server_cpu, client_cpu);
+    if let Some((before, after)) = server_memory {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "server rss  {:.1} MiB before, {:.1} MiB after (peak {:.1} MiB)",
+            mib(before.rss),
+            mib(after.rss),
+            mib(after.peak)
+        );
+    }
     if total.error_count() > 0 || total.latencies.is_empty() {
         std::process::exit(1);
     }

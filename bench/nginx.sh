@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# bench-nginx.sh: luafcgid behind nginx, next to nginx's own `return 200`, a
+# bench/nginx.sh: luafcgid behind nginx, next to nginx's own `return 200`, a
 # constant-answer FastCGI responder (fcgi-const, the ceiling of the FastCGI
-# path) and php-fpm, all serving "Hello World" on loopback.
+# path), in-process Lua in nginx (lua-nginx-module's content_by_lua) and
+# php-fpm, all serving the same 11 bytes "Hello World" on loopback.
 #
-# Usage: scripts/bench-nginx.sh
+# Usage: bench/nginx.sh
+#        DURATION=2 ROUNDS=1 WARMUP=0 bench/nginx.sh   # a smoke run, about 40 s
+#
+# Needs: nginx, wrk, curl, ss (iproute2), timeout (coreutils), php-fpm and Debian's
+# libnginx-mod-http-lua (apt-get install -y nginx wrk curl iproute2 php-fpm
+# libnginx-mod-http-lua). Without php-fpm or the Lua module, their rows are skipped with a
+# note saying what to install.
 #
 # Environment (all optional):
 #   DURATION=10        seconds per wrk run
@@ -16,13 +23,15 @@
 #                      with more client connections than children the extra requests wait
 #                      in the listen queue for the whole run (only ~N connections progress)
 #   PHP_FPM=...        php-fpm binary (default: the newest /usr/sbin/php-fpm*)
-#   LUAFCGID_ARGS=...  extra flags for both `luafcgid serve` instances (e.g. "--workers 2")
+#   NGINX_MODULES=/usr/lib/nginx/modules
+#                      where ndk_http_module.so and ngx_http_lua_module.so are (lua-nginx row)
+#   LUAFCGID_ARGS=...  extra flags for `luafcgid serve` (e.g. "--workers 2")
 #   ORIG_LUAFCGID=...  the binary of the original C luafcgid (1.x, Lua 5.1, libfcgi): adds the
 #                      row orig-luafcgid (see docs/performance.md for how to build it)
 #   ORIG_KEEPALIVE=0   1: keepalive 32 + fastcgi_keep_conn on for orig-luafcgid too. Off by
 #                      default for the same reason as PHP_KEEPALIVE: each of its worker threads
 #                      serves one connection at a time, until nginx closes it
-#   SKIP_BUILD=1       use the binaries already in target/release
+#   SKIP_BUILD=1       use the binaries already in target/release ($CARGO_TARGET_DIR/release)
 #   KEEP_TMP=1         keep the temp dir (configs, wrk outputs, logs) for a look afterwards
 #
 # Everything runs in a private temp dir (configs, sockets, logs) and on 127.0.0.1
@@ -32,18 +41,25 @@
 # with ORIG_LUAFCGID).
 #
 # Rows (URL paths on one nginx server, 1 worker process, access_log off):
-#   return        nginx `return 200 "Hello World"` (no backend)
+#   return        nginx `return 200 "Hello World"` (no backend); the other rows' req/s are
+#                 also printed as a ratio to this one
 #   const         /const              -> fcgi-const on a unix socket
+#   lua-nginx     /lua-nginx          -> content_by_lua_block in nginx's own worker (Debian's
+#                                        libnginx-mod-http-lua, LuaJIT), Content-Length set so
+#                                        the reply is the same bytes as `return`'s
 #   php-fpm/N     /php-N/hello.php    -> php-fpm, pm = static, pm.max_children = N, unix socket,
 #                                        a new connection per request (see PHP_KEEPALIVE)
-#   lua-unix      /lua-unix/hello.lua -> luafcgid, unix socket, --log /dev/null
-#   lua-tcp       /lua-tcp/hello.lua  -> the same luafcgid, 127.0.0.1 TCP
-#   lua-unix+log  /lua-log/hello.lua  -> a second luafcgid, unix socket, audit log to a file
+#   lua-unix      /lua-unix/site/hello.lua -> luafcgid, unix socket
+#   lua-tcp       /lua-tcp/site/hello.lua  -> the same luafcgid, 127.0.0.1 TCP
 #   orig-luafcgid /orig/hello.lua     -> the original C luafcgid (only with ORIG_LUAFCGID), unix
 #                                        socket, workers = CPUs, its shipped config's defaults
 #                                        otherwise, script `function main(env, con) con:puts(s) end`,
 #                                        a new connection per request (see ORIG_KEEPALIVE)
 # const and luafcgid upstreams: keepalive 32, fastcgi_keep_conn on.
+# luafcgid runs as deployed: sandbox and limits on, a policy.toml in the document root
+# (limits and a ceiling) and one in the tenant directory site/ (tenant = "site"), the
+# audit log to a file; the script checks that the log has one request line per request,
+# naming both policy files.
 #
 # Measured per run: req/s, p50 and p99 (wrk --latency), and CPU time (utime+stime
 # from /proc/PID/stat, summed over the process and all its descendants, e.g.
@@ -66,8 +82,8 @@ ORIG_KEEPALIVE=${ORIG_KEEPALIVE:-0}
 LUAFCGID_ARGS=${LUAFCGID_ARGS:-}
 SKIP_BUILD=${SKIP_BUILD:-0}
 
-die() { echo "bench-nginx: $*" >&2; exit 2; }
-note() { echo "bench-nginx: $*" >&2; }
+die() { echo "bench/nginx.sh: $*" >&2; exit 2; }
+note() { echo "bench/nginx.sh: $*" >&2; }
 
 for v in DURATION ROUNDS WARMUP PHP_KEEPALIVE ORIG_KEEPALIVE; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
@@ -90,6 +106,17 @@ if [[ -z $PHP_FPM || ! -x $PHP_FPM ]]; then
     PHP_FPM=""
     PHP_CHILDREN=""
 fi
+NGINX_MODULES=${NGINX_MODULES:-/usr/lib/nginx/modules}
+LUA_NGINX=1
+for m in ndk_http_module ngx_http_lua_module; do
+    if [[ ! -f $NGINX_MODULES/$m.so ]]; then
+        note "$NGINX_MODULES/$m.so not found: the lua-nginx row is skipped" \
+            "(apt-get install -y libnginx-mod-http-lua, or set NGINX_MODULES=DIR)"
+        LUA_NGINX=0
+        break
+    fi
+done
+
 if [[ -n $ORIG_LUAFCGID ]]; then
     [[ -f $ORIG_LUAFCGID && -x $ORIG_LUAFCGID ]] || die "ORIG_LUAFCGID: '$ORIG_LUAFCGID' is not an executable file"
     ORIG_LUAFCGID=$(cd "$(dirname "$ORIG_LUAFCGID")" && pwd -P)/$(basename "$ORIG_LUAFCGID")
@@ -254,8 +281,27 @@ tree_ticks() { # PID...: utime+stime (clock ticks) of those processes and all th
 # ---------------------------------------------------------------------------
 # Document root, configs.
 
-mkdir -p "$T/www" "$T/nginx-tmp"
-printf 's = "Hello World"\nfunction handler() return s end\n' >"$T/www/hello.lua"
+mkdir -p "$T/www/site" "$T/nginx-tmp"
+printf 's = "Hello World"\nfunction handler() return s end\n' >"$T/www/site/hello.lua"
+# luafcgid's policies: limits and a ceiling for the whole document root, and a tenant
+# directory with its own file, as a hosting setup would have them.
+cat >"$T/www/policy.toml" <<'EOF'
+timeout_ms = 1000
+instructions = 50_000_000
+memory = "64MiB"
+output = "8MiB"
+body = "1MiB"
+clones = 2
+
+[ceiling]
+timeout_ms = 5000
+memory = "256MiB"
+EOF
+cat >"$T/www/site/policy.toml" <<'EOF'
+tenant = "site"
+timeout_ms = 500
+libs = ["string", "table", "math", "utf8", "os.time", "os.clock", "os.date"]
+EOF
 printf '<?php echo "Hello World";' >"$T/www/hello.php"
 if [[ -n $ORIG_LUAFCGID ]]; then
     # The original's entry point is main(env, con) and it ignores return values.
@@ -298,15 +344,20 @@ declare -a ROW_NAME=() ROW_PATH=() ROW_BACKEND=()
 add_row() { ROW_NAME+=("$1"); ROW_PATH+=("$2"); ROW_BACKEND+=("$3"); }
 add_row return /return ""
 add_row const /const const
+((LUA_NGINX)) && add_row lua-nginx /lua-nginx ""
 for n in $PHP_CHILDREN; do add_row "php-fpm/$n" "/php-$n/hello.php" "php-$n"; done
-add_row lua-unix /lua-unix/hello.lua luafcgid
-add_row lua-tcp /lua-tcp/hello.lua luafcgid
-add_row lua-unix+log /lua-log/hello.lua luafcgid-log
+add_row lua-unix /lua-unix/site/hello.lua luafcgid
+add_row lua-tcp /lua-tcp/site/hello.lua luafcgid
 if [[ -n $ORIG_LUAFCGID ]]; then
     add_row orig-luafcgid /orig/hello.lua orig
 fi
 
 {
+    if ((LUA_NGINX)); then
+        # lua-nginx-module needs the Nginx Development Kit loaded first.
+        echo "load_module $NGINX_MODULES/ndk_http_module.so;"
+        echo "load_module $NGINX_MODULES/ngx_http_lua_module.so;"
+    fi
     cat <<EOF
 $USER_LINE
 worker_processes 1;
@@ -329,7 +380,6 @@ http {
     upstream const        { server unix:$T/const.sock;    keepalive 32; keepalive_requests 1000000; }
     upstream lua_unix     { server unix:$T/lua.sock;      keepalive 32; keepalive_requests 1000000; }
     upstream lua_tcp      { server 127.0.0.1:$LUA_TCP_PORT; keepalive 32; keepalive_requests 1000000; }
-    upstream lua_log      { server unix:$T/lua-log.sock;  keepalive 32; keepalive_requests 1000000; }
 EOF
     for n in $PHP_CHILDREN; do
         if ((PHP_KEEPALIVE)); then
@@ -354,6 +404,16 @@ EOF
 
         location = /return { return 200 "Hello World"; }
 
+        # What a user of lua-nginx-module writes, with the length set so the reply has the
+        # same bytes as return's (without it, nginx sends the body chunked).
+        location = /lua-nginx {
+            content_by_lua_block {
+                local s = "Hello World"
+                ngx.header["Content-Length"] = #s
+                ngx.print(s)
+            }
+        }
+
         location = /const {
             include $T/fastcgi_params;
             fastcgi_param SCRIPT_FILENAME \$document_root/const;
@@ -362,9 +422,9 @@ EOF
             fastcgi_pass const;
         }
 EOF
-    for pair in lua-unix:lua_unix lua-tcp:lua_tcp lua-log:lua_log; do
+    for pair in lua-unix:lua_unix lua-tcp:lua_tcp; do
         cat <<EOF
-        location ~ ^/${pair%%:*}(?<script>/[^/]+\.lua)\$ {
+        location ~ ^/${pair%%:*}(?<script>/[^.]+\.lua)\$ {
             include $T/fastcgi_params;
             fastcgi_param SCRIPT_FILENAME \$document_root\$script;
             fastcgi_param SCRIPT_NAME \$script;
@@ -460,22 +520,18 @@ done
 
 if ((LUAFCGID_OK)); then
     # shellcheck disable=SC2086 # LUAFCGID_ARGS is a list of flags
+    "$BIN/luafcgid" policy check --docroot "$T/www" >"$T/policy-check.out" 2>&1 ||
+        die "luafcgid policy check rejected the benchmark's policies: $(cat "$T/policy-check.out")"
+    # shellcheck disable=SC2086 # LUAFCGID_ARGS is a list of flags
     start luafcgid "$BIN/luafcgid" serve --docroot "$T/www" --listen "$T/lua.sock" \
-        --listen "127.0.0.1:$LUA_TCP_PORT" --log /dev/null $LUAFCGID_ARGS
+        --listen "127.0.0.1:$LUA_TCP_PORT" --log "$T/audit.log" $LUAFCGID_ARGS
     BACKEND_PID[luafcgid]=$LAST_PID
     if ! wait_ready "$LAST_PID" luafcgid "unix:$T/lua.sock" ||
         ! wait_ready "$LAST_PID" luafcgid "tcp:$LUA_TCP_PORT"; then
         BACKEND_ERR[luafcgid]="luafcgid did not start"
     fi
-    # shellcheck disable=SC2086
-    start luafcgid-log "$BIN/luafcgid" serve --docroot "$T/www" --listen "$T/lua-log.sock" \
-        --log "$T/audit.log" $LUAFCGID_ARGS
-    BACKEND_PID[luafcgid-log]=$LAST_PID
-    wait_ready "$LAST_PID" luafcgid-log "unix:$T/lua-log.sock" ||
-        BACKEND_ERR[luafcgid-log]="luafcgid (audit log) did not start"
 else
     BACKEND_ERR[luafcgid]=$LUAFCGID_WHY
-    BACKEND_ERR[luafcgid-log]=$LUAFCGID_WHY
 fi
 
 if [[ -n $ORIG_LUAFCGID ]]; then
@@ -495,21 +551,32 @@ NGINX_PID=$LAST_PID
 wait_ready "$NGINX_PID" nginx "tcp:$NGINX_PORT" || die "nginx did not start"
 
 # ---------------------------------------------------------------------------
-# Check every row answers 200 "Hello World" once; a row that does not is not run.
+# Check every row answers 200 with exactly the 11 bytes "Hello World" once; a row that
+# does not is not run. How each row frames its body (Content-Length or chunked) and the
+# size of its headers are kept for the summary: wrk reads all of it.
 
 BASE="http://127.0.0.1:$NGINX_PORT"
-declare -A ROW_ERR=()
+printf 'Hello World' >"$T/expected.body"
+declare -A ROW_ERR=() ROW_WIRE=()
 for i in "${!ROW_NAME[@]}"; do
     key=${ROW_BACKEND[i]}
     if [[ -n $key && -n ${BACKEND_ERR[$key]:-} ]]; then
         ROW_ERR[$i]=${BACKEND_ERR[$key]}
         continue
     fi
-    got=$(curl -sS -m 5 -o "$T/check.body" -w '%{http_code}' "$BASE${ROW_PATH[i]}" 2>&1) || true
+    : >"$T/check.body"
+    got=$(curl -sS -m 5 -D "$T/check.head" -o "$T/check.body" -w '%{http_code} %{size_header}' \
+        "$BASE${ROW_PATH[i]}" 2>&1) || true
     body=$(head -c 200 "$T/check.body" 2>/dev/null || true)
-    if [[ $got != 200 || $body != "Hello World" ]]; then
-        ROW_ERR[$i]="check failed: HTTP $got, body '${body//$'\n'/ }'"
+    if [[ ${got%% *} != 200 ]] || ! cmp -s "$T/check.body" "$T/expected.body"; then
+        ROW_ERR[$i]="check failed: HTTP ${got%% *}, body '${body//$'\n'/\\n}' ($(wc -c <"$T/check.body") bytes)"
+        continue
     fi
+    framing=$(tr -d '\r' <"$T/check.head" | awk -F': *' '
+        tolower($1) == "content-length" { cl = $2 }
+        tolower($1) == "transfer-encoding" { te = $2 }
+        END { if (cl != "") print "Content-Length " cl; else if (te != "") print te; else print "close" }')
+    ROW_WIRE[$i]="$framing, ${got#* } header bytes"
 done
 
 # ---------------------------------------------------------------------------
@@ -588,8 +655,8 @@ nrows=0
 for i in "${!ROW_NAME[@]}"; do [[ -z ${ROW_ERR[$i]:-} ]] && nrows=$((nrows + 1)); done
 nconns=$(wc -w <<<"$CONNS")
 est=$((nrows * (nconns * ROUNDS * DURATION + WARMUP)))
-echo "bench-nginx: $(nproc) CPUs, load $START_LOAD; $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2), ${PHP_FPM:+$("$PHP_FPM" -v | head -n 1 | cut -d' ' -f1-2)}" >&2
-echo "bench-nginx: DURATION=$DURATION ROUNDS=$ROUNDS WARMUP=$WARMUP CONNS='$CONNS' PHP_CHILDREN='$PHP_CHILDREN'; $nrows rows, about ${est}s of load; temp dir $T" >&2
+echo "bench/nginx.sh: $(nproc) CPUs, load $START_LOAD; $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2), ${PHP_FPM:+$("$PHP_FPM" -v | head -n 1 | cut -d' ' -f1-2)}" >&2
+echo "bench/nginx.sh: DURATION=$DURATION ROUNDS=$ROUNDS WARMUP=$WARMUP CONNS='$CONNS' PHP_CHILDREN='$PHP_CHILDREN'; $nrows rows, about ${est}s of load; temp dir $T" >&2
 
 if ((WARMUP > 0)); then
     for i in "${!ROW_NAME[@]}"; do
@@ -676,6 +743,11 @@ print_table() {
         done
     done
     echo "us = microseconds; /return and /php-best: req/s over that row's at the same connection count."
+    echo -n "Replies (body 11 bytes in every row):"
+    for i in "${!ROW_NAME[@]}"; do
+        [[ -n ${ROW_WIRE[$i]:-} ]] && echo -n " ${ROW_NAME[i]}: ${ROW_WIRE[$i]};"
+    done
+    echo
     echo "$(nproc) CPUs; load average before the runs: $START_LOAD, after: $END_LOAD"
 }
 
@@ -693,7 +765,7 @@ print_diagnostics() {
         echo "php-fpm/$n log: ${w:-0} warning/error lines"
         grep -iE 'warning|error' "$T/php-fpm-$n.log" 2>/dev/null | head -n 5 | sed 's/^/    /' || true
     done
-    for name in const luafcgid luafcgid-log orig; do
+    for name in const luafcgid orig; do
         [[ -f $T/$name.err ]] || continue
         # Anything above INFO (luafcgid colours its stderr even into a file); the original
         # logs only problems.
@@ -712,15 +784,24 @@ print_diagnostics() {
         fi
     done
     if [[ -f $T/audit.log ]]; then
-        sleep 0.5 # let the audit writer flush
-        lines=$(grep -c '"event":"request"' "$T/audit.log" || true)
-        i_log=""
-        for i in "${!ROW_NAME[@]}"; do [[ ${ROW_NAME[i]} == lua-unix+log ]] && i_log=$i; done
-        measured=0
-        for c in $CONNS; do measured=$((measured + $(sum "${R_REQ[$i_log,$c]:-}"))); done
-        warm=0
-        [[ -f $T/warmup-$i_log.txt ]] && warm=$(awk '/ requests in / { print $1 }' "$T/warmup-$i_log.txt")
-        echo "audit log (lua-unix+log): ${lines:-0} request lines; wrk completed $measured measured + ${warm:-0} warm-up requests, plus 1 check"
+        measured=0 warm=0 checks=0
+        for i in "${!ROW_NAME[@]}"; do
+            [[ ${ROW_BACKEND[i]} == luafcgid ]] || continue
+            checks=$((checks + 1))
+            for c in $CONNS; do measured=$((measured + $(sum "${R_REQ[$i,$c]:-}"))); done
+            if [[ -f $T/warmup-$i.txt ]]; then
+                warm=$((warm + $(awk '/ requests in / { print $1 + 0 }' "$T/warmup-$i.txt")))
+            fi
+        done
+        # The audit writer is a thread of its own: give it up to 5 s to catch up.
+        for ((k = 0; k < 50; k++)); do
+            lines=$(grep -c '"event":"request"' "$T/audit.log" || true)
+            ((${lines:-0} >= measured + warm + checks)) && break
+            sleep 0.1
+        done
+        echo "audit log (lua-unix, lua-tcp): ${lines:-0} request lines; wrk completed $measured measured + $warm warm-up requests, plus $checks checks"
+        echo "audit log policies and states: $(grep '"event":"request"' "$T/audit.log" | grep -o '"policy":[^]]*]\|"state":"[^"]*"' | sort | uniq -c |
+            awk '{ c = $1; $1 = ""; printf "%s%s x%s", (NR > 1 ? "; " : ""), substr($0, 2), c }')"
         echo "audit log outcomes: $(grep '"event":"request"' "$T/audit.log" | grep -o '"outcome":"[^"]*"' | sort | uniq -c |
             awk '{ sub(/"outcome":/, "", $2); printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $2 }')"
         odd=$(grep '"event":"request"' "$T/audit.log" | grep -v '"status":200' | head -n 1 || true)
