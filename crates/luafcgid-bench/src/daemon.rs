@@ -95,9 +95,23 @@ impl Daemon {
         log: &Path,
         stderr: &Path,
     ) -> Result<Daemon, String> {
+        Daemon::start_on(binary, config, log, stderr, None)
+    }
+
+    /// [`Daemon::start`], the daemon confined to `cpus` when given.
+    pub fn start_on(
+        binary: &Path,
+        config: &Path,
+        log: &Path,
+        stderr: &Path,
+        cpus: Option<&[usize]>,
+    ) -> Result<Daemon, String> {
         let err_file = File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?;
         let mut command = Command::new(binary);
         crate::epoll::kill_with_parent(&mut command);
+        if let Some(cpus) = cpus {
+            crate::epoll::pin_command(&mut command, cpus);
+        }
         let child = command
             .arg("serve")
             .arg("--config")

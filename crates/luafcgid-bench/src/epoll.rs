@@ -184,6 +184,44 @@ pub fn set_timer_slack(slack: Duration) -> io::Result<()> {
 /// Makes the child that `command` starts get SIGKILL when the thread that starts it ends
 /// (`PR_SET_PDEATHSIG`): a benchmark killed before it can stop its daemon takes the daemon
 /// with it.
+/// The CPU set of `cpus` (those past `CPU_SETSIZE` are left out).
+fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        if c < libc::CPU_SETSIZE as usize {
+            // SAFETY: `c` is within the set's size.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+    }
+    set
+}
+
+/// Makes `command`'s process (and every thread it starts) run only on `cpus`.
+pub fn pin_command<'a>(command: &'a mut Command, cpus: &[usize]) -> &'a mut Command {
+    let set = cpu_set(cpus);
+    // SAFETY: the closure runs in the child between fork and exec and only makes the
+    // sched_setaffinity system call on a set prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Makes the calling thread (and the threads it starts afterwards) run only on `cpus`.
+pub fn pin_this_thread(cpus: &[usize]) -> io::Result<()> {
+    let set = cpu_set(cpus);
+    // SAFETY: `set` is a valid cpu_set_t of the size given.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn kill_with_parent(command: &mut Command) -> &mut Command {
     // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
     // which is async-signal-safe, with integer arguments.

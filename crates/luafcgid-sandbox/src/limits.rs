@@ -26,11 +26,12 @@ use mlua::{Function, Lua, VmState};
 use crate::vm::{thread_slot, Slot, VmBudget};
 use crate::{LimitKind, Limits, BUDGET_PERIOD};
 
-/// A run longer than this gives up CPU priority (its thread's nice value is raised until
-/// the run ends, where the process may lower it again): short requests on other threads
-/// then win the CPU when they wake up, so one tenant's long runs cannot slow down everyone
-/// else's short ones.
-pub(crate) const LONG_RUN: Duration = Duration::from_millis(10);
+/// A run longer than this gives up CPU priority (its thread goes under `SCHED_IDLE` until
+/// the run ends, where the process may restore it): short requests on other threads then
+/// win the CPU when they wake up, so one tenant's long runs cannot slow down everyone
+/// else's short ones. Short, because every millisecond a long run spends at normal
+/// priority delays whatever shares its CPU (two system calls per long run are the cost).
+pub(crate) const LONG_RUN: Duration = Duration::from_millis(2);
 
 /// How often, at most, the hook asks whether the request was aborted.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(1);

@@ -166,7 +166,7 @@ pub struct ServeArgs {
     /// Let --http listen on an address other than loopback.
     #[arg(long = "http-public")]
     pub http_public: bool,
-    /// Lua worker threads (default: number of CPUs).
+    /// Lua worker threads (default: number of CPUs, at least 2).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// Most Lua states kept, all scripts together.

@@ -386,7 +386,9 @@ impl RawConfig {
             ));
         }
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let workers = o.workers.or(self.workers).unwrap_or(cpus);
+        // At least two, so that one tenant at its `tenant_workers` cap never holds every
+        // worker, even on one CPU (a long run there gives up the CPU to the other).
+        let workers = o.workers.or(self.workers).unwrap_or(cpus.max(2));
         if !(1..=1024).contains(&workers) {
             return Err(e("workers", "must be between 1 and 1024".into()));
         }

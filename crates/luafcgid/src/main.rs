@@ -208,6 +208,12 @@ fn serve(args: ServeArgs) -> ExitCode {
         println!("{origin}: ok");
         return ExitCode::SUCCESS;
     }
+    if config.workers == 1 {
+        tracing::warn!(
+            "workers = 1: one tenant's long requests hold the only worker and every other \
+             tenant waits (two or more keep tenants apart)"
+        );
+    }
     // Taken before any thread starts (the variables are removed from the environment).
     let inherited = match luafcgid::system::inherited_listeners() {
         Ok(l) => l,

@@ -107,6 +107,10 @@ struct Args {
     /// Lua worker threads of the daemon (default: the daemon's, one per CPU).
     #[arg(long)]
     workers: Option<usize>,
+    /// Run this program (the load and its measurements) on this CPU only and the daemon on
+    /// all the others, so the client's own scheduling delays do not count as the daemon's.
+    #[arg(long, value_name = "CPU")]
+    client_cpu: Option<usize>,
     /// A top-level line added to the daemon's config, e.g. "queue_timeout_ms = 500"
     /// (repeatable).
     #[arg(long, value_name = "TOML")]
@@ -228,12 +232,28 @@ fn run(args: &Args) -> Result<bool, String> {
     let config_text = config_text(&setup, args)?;
     write(&config, &config_text)?;
     // Declared after `dir`, so dropped (killed) before the directory is removed.
-    let mut daemon = Daemon::start(
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let daemon_cpus: Option<Vec<usize>> = match args.client_cpu {
+        Some(c) if c >= cpus || cpus < 2 => {
+            return Err(format!(
+                "--client-cpu {c}: this machine has CPUs 0 to {}, and the daemon needs one more",
+                cpus - 1
+            ))
+        }
+        Some(c) => Some((0..cpus).filter(|&o| o != c).collect()),
+        None => None,
+    };
+    let mut daemon = Daemon::start_on(
         &daemon_path,
         &config,
         &log,
         &dir.path().join("daemon.stderr"),
+        daemon_cpus.as_deref(),
     )?;
+    if let Some(c) = args.client_cpu {
+        epoll::pin_this_thread(&[c]).map_err(|e| format!("--client-cpu {c}: {e}"))?;
+        println!("fairness: this program on CPU {c}, the daemon on CPUs {daemon_cpus:?}");
+    }
     daemon.wait_ready(&setup.socket)?;
     check_answers(&setup)?;
 

@@ -413,3 +413,61 @@ fn the_example_systemd_units_verify() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
+
+#[test]
+fn on_one_cpu_two_workers_keep_a_flooding_tenant_from_holding_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    // Confined to one CPU, with no `workers` given: the default must still be two, so
+    // that a tenant at its cap (workers - 1) leaves a worker to the others.
+    let p = Process::start_with(dir.path(), &log, |argv| {
+        let mut c = std::process::Command::new("taskset");
+        c.args(["-c", "0"]);
+        let mut skip = false;
+        for a in argv {
+            if skip {
+                skip = false;
+            } else if a == "--workers" {
+                skip = true;
+            } else {
+                c.arg(a);
+            }
+        }
+        c
+    });
+    let burn = p.root.join("flood/burn.lua");
+    write(&burn, "function handler() while true do end end");
+    write(&p.root.join("flood/policy.toml"), "timeout_ms = 3000\n");
+    p.hello();
+    let idle_ticks = p.cpu_ticks();
+    let flooding: Vec<_> = (0..3)
+        .map(|_| {
+            let (sock, burn) = (p.sock.clone(), burn.display().to_string());
+            std::thread::spawn(move || {
+                let mut c = Client::new(Box::new(UnixStream::connect(&sock).unwrap()));
+                c.get(&burn).status
+            })
+        })
+        .collect();
+    // Once the flood burns (the daemon has used a tenth of a second of CPU since), another
+    // tenant is answered at once.
+    let t = Instant::now();
+    while p.cpu_ticks() < idle_ticks + 10 {
+        assert!(t.elapsed() < BOUND, "the flood never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = Instant::now();
+    p.hello();
+    let waited = t.elapsed();
+    for f in flooding {
+        assert_eq!(f.join().unwrap(), 500);
+    }
+    p.stop();
+    let lines = audit_lines(&log);
+    let start = lines.iter().find(|l| l["event"] == "start").unwrap();
+    assert_eq!(start["workers"], 2, "{start}");
+    assert!(
+        waited < Duration::from_secs(2),
+        "the hello waited {waited:?}"
+    );
+}
