@@ -97,6 +97,12 @@ impl ScriptState {
         let budget = Arc::new(Budget::new());
         budget.set_memory_limit(opts.memory);
         let lua = new_state(&opts.libs, &budget)?;
+        // Generational collection: a request's garbage (its params, strings, tables) dies
+        // young and is collected in minor cycles soon after, instead of piling up to several
+        // times the state's live size between the incremental collector's full cycles.
+        lua.gc_set_mode(mlua::prelude::LuaGcMode::Generational(
+            mlua::prelude::LuaGcGenParams::default(),
+        ));
         lua.set_app_data(Ctx::new(Arc::clone(&budget)));
         lua.set_app_data(AbortProbe::default());
         let root =

@@ -508,3 +508,26 @@ end
     assert_eq!(d.get("a/poison.lua").text(), "pwned");
     assert_eq!(d.get("b/victim.lua").text(), "A:nil:xy:true:true");
 }
+
+#[test]
+fn a_warm_state_does_not_pile_up_the_garbage_of_its_requests() {
+    // Each request leaves its params, strings and request object behind; a state serving
+    // many must keep its heap near its live size, not several times it (a thousand warm
+    // states share the daemon's memory).
+    let mut d = Daemon::start("", &[("hello.lua", HELLO)]);
+    let mut c = d.unix_client();
+    let script = d.script("hello.lua");
+    for _ in 0..5000 {
+        assert_eq!(c.get(&script).status, 200);
+    }
+    let lines = d.stop();
+    let memory: Vec<u64> = requests(&lines)
+        .iter()
+        .map(|l| l["memory"].as_u64().unwrap())
+        .collect();
+    let (first, peak) = (memory[0], *memory.iter().max().unwrap());
+    assert!(
+        peak < 3 * first,
+        "heap peak {peak} bytes over 5,000 requests, {first} in the first"
+    );
+}
