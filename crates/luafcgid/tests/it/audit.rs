@@ -792,6 +792,8 @@ fn a_log_that_cannot_be_opened_stops_the_start_naming_it() {
 fn a_full_disk_is_reported_and_requests_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let p = Process::start(dir.path(), Path::new("/dev/full"));
+    p.hello();
+    let before = crate::support::Health::of(&p);
     for _ in 0..50 {
         let t = Instant::now();
         p.hello();
@@ -805,6 +807,7 @@ fn a_full_disk_is_reported_and_requests_go_on() {
     let hz = 100.0; // USER_HZ on Linux
     let share = used as f64 / hz / window.elapsed().as_secs_f64();
     assert!(share < 0.1, "{used} ticks in {:?}", window.elapsed());
+    before.assert_recovered(&p, 16 * 1024);
     let stderr = p.stop();
     let said = stderr
         .lines()

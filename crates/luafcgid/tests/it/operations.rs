@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    audit_lines, params_for, requests, wait_for_event, write, Client, Load, Process, BOUND,
+    audit_lines, params_for, requests, wait_for_event, write, Client, Health, Load, Process, BOUND,
 };
 
 fn hello_path(p: &Process) -> String {
@@ -169,6 +169,7 @@ fn accept_errors_when_descriptors_run_out_back_off_and_recover() {
         c
     });
     p.hello();
+    let before = Health::of(&p);
     let base_ticks = p.cpu_ticks();
     // Far more connections than descriptors: the daemon takes what it can, the rest wait
     // in its backlog while its accepts fail.
@@ -220,6 +221,7 @@ fn accept_errors_when_descriptors_run_out_back_off_and_recover() {
         }
         assert!(t.elapsed() < BOUND, "the daemon did not recover");
     }
+    before.assert_recovered(&p, 16 * 1024);
     p.stop();
 }
 

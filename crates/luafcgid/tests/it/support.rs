@@ -881,3 +881,52 @@ pub fn try_http_exchange(
         body: out[split + 4..].to_vec(),
     })
 }
+
+/// What the daemon holds, from /proc.
+#[derive(Debug, Clone, Copy)]
+pub struct Health {
+    pub fds: usize,
+    pub threads: usize,
+    pub rss_kib: u64,
+}
+
+impl Health {
+    pub fn of(p: &Process) -> Health {
+        let pid = p.child.id();
+        let count = |dir: String| std::fs::read_dir(dir).unwrap().count();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        Health {
+            fds: count(format!("/proc/{pid}/fd")),
+            threads: count(format!("/proc/{pid}/task")),
+            rss_kib,
+        }
+    }
+
+    /// Waits (bounded) until the daemon is back to `self`: no more descriptors once its
+    /// connections have closed, no fewer threads (the runtime's blocking pool may have
+    /// grown), a control request answered, and memory within `slack_kib` of where it was.
+    pub fn assert_recovered(&self, p: &Process, slack_kib: u64) {
+        p.hello();
+        let t = Instant::now();
+        loop {
+            let now = Health::of(p);
+            if now.fds <= self.fds && now.threads >= self.threads {
+                assert!(
+                    now.rss_kib <= self.rss_kib + slack_kib,
+                    "memory grew from {} KiB to {} KiB",
+                    self.rss_kib,
+                    now.rss_kib
+                );
+                return;
+            }
+            assert!(t.elapsed() < BOUND, "before {self:?}, after {now:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
