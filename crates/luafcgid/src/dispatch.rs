@@ -499,7 +499,15 @@ fn run(
             let message = f.to_string();
             if outcome != Outcome::Aborted {
                 let detail = policy.show_errors.then_some(message.as_str());
-                error_page(outcome.status(), &request_id, detail, None, head, &mut cgi);
+                let retry_after = (outcome == Outcome::Shed).then_some(SHED_RETRY_AFTER);
+                error_page(
+                    outcome.status(),
+                    &request_id,
+                    detail,
+                    retry_after,
+                    head,
+                    &mut cgi,
+                );
             }
             (outcome, outcome.status(), 0, Some(message))
         }

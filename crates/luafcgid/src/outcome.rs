@@ -63,10 +63,25 @@ impl Outcome {
         }
     }
 
-    /// The outcome of a sandbox failure.
+    /// The outcome of a sandbox failure. A script file that could not be read when its
+    /// state was made (deleted or made unreadable after it was resolved, or the daemon out
+    /// of descriptors) answers as its resolution would have: 404, 403, or 503.
     pub fn of_failure(f: &Failure) -> Outcome {
         match f {
-            Failure::Script { .. } | Failure::Io(_) => Outcome::ScriptError,
+            Failure::Script { .. } => Outcome::ScriptError,
+            Failure::Io(e) => match e.kind() {
+                std::io::ErrorKind::NotFound => Outcome::NotFound,
+                std::io::ErrorKind::PermissionDenied => Outcome::Forbidden,
+                std::io::ErrorKind::OutOfMemory => Outcome::Shed,
+                _ if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                ) =>
+                {
+                    Outcome::Shed
+                }
+                _ => Outcome::ScriptError,
+            },
             Failure::Limit { kind, .. } => match kind {
                 LimitKind::Instructions => Outcome::LimitCpu,
                 LimitKind::Time => Outcome::LimitTime,
@@ -75,5 +90,32 @@ impl Outcome {
             },
             Failure::Aborted => Outcome::Aborted,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_script_file_gone_or_unreadable_at_load_answers_as_its_resolution_would() {
+        let io = |e: std::io::Error| Outcome::of_failure(&Failure::Io(e));
+        assert_eq!(io(std::io::ErrorKind::NotFound.into()), Outcome::NotFound);
+        assert_eq!(
+            io(std::io::ErrorKind::PermissionDenied.into()),
+            Outcome::Forbidden
+        );
+        assert_eq!(
+            io(std::io::Error::from_raw_os_error(libc::EMFILE)),
+            Outcome::Shed
+        );
+        assert_eq!(
+            io(std::io::Error::from_raw_os_error(libc::EIO)),
+            Outcome::ScriptError
+        );
+        let script = Failure::Script {
+            message: "boom".into(),
+        };
+        assert_eq!(Outcome::of_failure(&script), Outcome::ScriptError);
     }
 }
