@@ -301,25 +301,28 @@ impl Shared {
 }
 
 /// Keys a reload cannot change: they were applied when the daemon started (sockets bound,
-/// threads started, privileges dropped).
-fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+/// threads started, privileges dropped). Gives `new` the running values of those keys and
+/// returns the names of the ones it had changed.
+fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
-    let mut check = |differs: bool, key: &'static str| {
-        if differs {
-            changed.push(key);
-        }
-    };
-    check(old.listen != new.listen, "listen");
-    check(old.socket_mode != new.socket_mode, "socket_mode");
-    check(old.http != new.http, "http");
-    check(old.metrics != new.metrics, "metrics");
-    check(old.workers != new.workers, "workers");
-    check(
-        old.max_connections != new.max_connections,
-        "max_connections",
+    macro_rules! keep {
+        ($($key:ident),*) => {$(
+            if new.$key != old.$key {
+                changed.push(stringify!($key));
+                new.$key = old.$key.clone();
+            }
+        )*};
+    }
+    keep!(
+        listen,
+        socket_mode,
+        http,
+        metrics,
+        workers,
+        max_connections,
+        user,
+        group
     );
-    check(old.user != new.user, "user");
-    check(old.group != new.group, "group");
     changed
 }
 
@@ -332,15 +335,7 @@ impl Shared {
         &self,
         mut config: Config,
     ) -> Result<(Arc<Shared>, Vec<&'static str>), ServeError> {
-        let kept = restart_only(&self.config, &config);
-        config.listen = self.config.listen.clone();
-        config.socket_mode = self.config.socket_mode;
-        config.http = self.config.http;
-        config.metrics = self.config.metrics;
-        config.workers = self.config.workers;
-        config.max_connections = self.config.max_connections;
-        config.user = self.config.user.clone();
-        config.group = self.config.group.clone();
+        let kept = keep_restart_only(&self.config, &mut config);
         let resolver = Resolver::new(&config.docroots, &config.extensions, config.sweep)?;
         let audit = if config.log == self.config.log {
             self.audit.clone()

@@ -10,6 +10,19 @@ use crate::support::{
     audit_lines, params_for, requests, wait_for_event, write, Client, Health, Load, Process, BOUND,
 };
 
+/// Runs `luafcgid serve` with `config` until it exits by itself (it must refuse to start).
+fn serve_to_the_end(sock: &Path, docroot: &Path, config: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_luafcgid"))
+        .args(["serve", "--listen"])
+        .arg(sock)
+        .arg("--docroot")
+        .arg(docroot)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 fn hello_path(p: &Process) -> String {
     p.root.join("hello.lua").display().to_string()
 }
@@ -317,15 +330,7 @@ fn gives_up_root_for_the_configured_user_after_binding() {
     let me = std::fs::metadata(&config).unwrap().uid();
     if me != 0 {
         // Without root the daemon refuses to start rather than run as someone unexpected.
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_luafcgid"))
-            .args(["serve", "--listen"])
-            .arg(dir.path().join("s.sock"))
-            .arg("--docroot")
-            .arg(dir.path())
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
+        let out = serve_to_the_end(&dir.path().join("s.sock"), dir.path(), &config);
         assert_eq!(out.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&out.stderr).contains("not started as root"));
         return;
@@ -376,15 +381,7 @@ fn an_unknown_user_is_a_config_error_before_binding() {
     let config = dir.path().join("luafcgid.toml");
     write(&config, "user = \"no-such-user-here\"\n");
     let sock = dir.path().join("s.sock");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_luafcgid"))
-        .args(["serve", "--listen"])
-        .arg(&sock)
-        .arg("--docroot")
-        .arg(dir.path())
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = serve_to_the_end(&sock, dir.path(), &config);
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
