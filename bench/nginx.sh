@@ -18,7 +18,11 @@
 #   WARMUP=1           seconds of untimed wrk load per row before round 1 (0: none)
 #   CONNS="50 1"       wrk connection counts (always one wrk thread)
 #   PHP_CHILDREN="4 2" one php-fpm pool (pm = static) per value; the best is "php-fpm best"
-#   PHP_KEEPALIVE=0    1: keepalive 32 + fastcgi_keep_conn on for php-fpm too. Off by default:
+#   KEEPALIVE=         idle upstream connections nginx keeps per backend (`keepalive N`);
+#                      default: the largest CONNS value. Fewer than the requests in flight
+#                      makes nginx close and reopen upstream connections all the time
+#                      (every backend then pays an accept and a close per few requests)
+#   PHP_KEEPALIVE=0    1: keepalive + fastcgi_keep_conn on for php-fpm too. Off by default:
 #                      each php-fpm child serves one connection until nginx closes it, so
 #                      with more client connections than children the extra requests wait
 #                      in the listen queue for the whole run (only ~N connections progress)
@@ -28,7 +32,7 @@
 #   LUAFCGID_ARGS=...  extra flags for `luafcgid serve` (e.g. "--workers 2")
 #   ORIG_LUAFCGID=...  the binary of the original C luafcgid (1.x, Lua 5.1, libfcgi): adds the
 #                      row orig-luafcgid (see docs/performance.md for how to build it)
-#   ORIG_KEEPALIVE=0   1: keepalive 32 + fastcgi_keep_conn on for orig-luafcgid too. Off by
+#   ORIG_KEEPALIVE=0   1: keepalive + fastcgi_keep_conn on for orig-luafcgid too. Off by
 #                      default for the same reason as PHP_KEEPALIVE: each of its worker threads
 #                      serves one connection at a time, until nginx closes it
 #   SKIP_BUILD=1       use the binaries already in target/release ($CARGO_TARGET_DIR/release)
@@ -55,7 +59,7 @@
 #                                        socket, workers = CPUs, its shipped config's defaults
 #                                        otherwise, script `function main(env, con) con:puts(s) end`,
 #                                        a new connection per request (see ORIG_KEEPALIVE)
-# const and luafcgid upstreams: keepalive 32, fastcgi_keep_conn on.
+# const and luafcgid upstreams: keepalive $KEEPALIVE, fastcgi_keep_conn on.
 # luafcgid runs as deployed: sandbox and limits on, a policy.toml in the document root
 # (limits and a ceiling) and one in the tenant directory site/ (tenant = "site"), the
 # audit log to a file; the script checks that the log has one request line per request,
@@ -81,6 +85,7 @@ ORIG_LUAFCGID=${ORIG_LUAFCGID:-}
 ORIG_KEEPALIVE=${ORIG_KEEPALIVE:-0}
 LUAFCGID_ARGS=${LUAFCGID_ARGS:-}
 SKIP_BUILD=${SKIP_BUILD:-0}
+KEEPALIVE=${KEEPALIVE:-}
 
 die() { echo "bench/nginx.sh: $*" >&2; exit 2; }
 note() { echo "bench/nginx.sh: $*" >&2; }
@@ -91,6 +96,9 @@ done
 ((DURATION >= 1)) || die "DURATION must be at least 1"
 ((ROUNDS >= 1)) || die "ROUNDS must be at least 1"
 for c in $CONNS; do [[ $c =~ ^[1-9][0-9]*$ ]] || die "CONNS: bad connection count '$c'"; done
+# shellcheck disable=SC2086 # CONNS is a list
+[[ -n $KEEPALIVE ]] || KEEPALIVE=$(printf '%s\n' $CONNS | sort -n | tail -n 1)
+[[ $KEEPALIVE =~ ^[1-9][0-9]*$ ]] || die "KEEPALIVE must be a whole number of at least 1 (got '$KEEPALIVE')"
 for n in $PHP_CHILDREN; do [[ $n =~ ^[1-9][0-9]*$ ]] || die "PHP_CHILDREN: bad value '$n'"; done
 
 for tool in nginx wrk curl ss timeout; do
@@ -377,20 +385,20 @@ http {
     # wrk's connections and the upstream connections are never recycled mid-run.
     keepalive_requests 1000000;
 
-    upstream const        { server unix:$T/const.sock;    keepalive 32; keepalive_requests 1000000; }
-    upstream lua_unix     { server unix:$T/lua.sock;      keepalive 32; keepalive_requests 1000000; }
-    upstream lua_tcp      { server 127.0.0.1:$LUA_TCP_PORT; keepalive 32; keepalive_requests 1000000; }
+    upstream const        { server unix:$T/const.sock;    keepalive $KEEPALIVE; keepalive_requests 1000000; }
+    upstream lua_unix     { server unix:$T/lua.sock;      keepalive $KEEPALIVE; keepalive_requests 1000000; }
+    upstream lua_tcp      { server 127.0.0.1:$LUA_TCP_PORT; keepalive $KEEPALIVE; keepalive_requests 1000000; }
 EOF
     for n in $PHP_CHILDREN; do
         if ((PHP_KEEPALIVE)); then
-            echo "    upstream php_$n { server unix:$T/php-$n.sock; keepalive 32; keepalive_requests 1000000; }"
+            echo "    upstream php_$n { server unix:$T/php-$n.sock; keepalive $KEEPALIVE; keepalive_requests 1000000; }"
         else
             echo "    upstream php_$n { server unix:$T/php-$n.sock; }"
         fi
     done
     if [[ -n $ORIG_LUAFCGID ]]; then
         if ((ORIG_KEEPALIVE)); then
-            echo "    upstream orig { server unix:$T/orig.sock; keepalive 32; keepalive_requests 1000000; }"
+            echo "    upstream orig { server unix:$T/orig.sock; keepalive $KEEPALIVE; keepalive_requests 1000000; }"
         else
             echo "    upstream orig { server unix:$T/orig.sock; }"
         fi
@@ -656,7 +664,7 @@ for i in "${!ROW_NAME[@]}"; do [[ -z ${ROW_ERR[$i]:-} ]] && nrows=$((nrows + 1))
 nconns=$(wc -w <<<"$CONNS")
 est=$((nrows * (nconns * ROUNDS * DURATION + WARMUP)))
 echo "bench/nginx.sh: $(nproc) CPUs, load $START_LOAD; $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2), ${PHP_FPM:+$("$PHP_FPM" -v | head -n 1 | cut -d' ' -f1-2)}" >&2
-echo "bench/nginx.sh: DURATION=$DURATION ROUNDS=$ROUNDS WARMUP=$WARMUP CONNS='$CONNS' PHP_CHILDREN='$PHP_CHILDREN'; $nrows rows, about ${est}s of load; temp dir $T" >&2
+echo "bench/nginx.sh: DURATION=$DURATION ROUNDS=$ROUNDS WARMUP=$WARMUP CONNS='$CONNS' KEEPALIVE=$KEEPALIVE PHP_CHILDREN='$PHP_CHILDREN'; $nrows rows, about ${est}s of load; temp dir $T" >&2
 
 if ((WARMUP > 0)); then
     for i in "${!ROW_NAME[@]}"; do
