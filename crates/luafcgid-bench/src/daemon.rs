@@ -425,6 +425,19 @@ pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Ends a benchmark binary from its run's outcome: exit 0 when every target held, 1 when
+/// one did not, 2 (with the message on stderr, after `tool: `) when the run failed.
+pub fn exit_with(tool: &str, outcome: Result<bool, String>) -> ! {
+    match outcome {
+        Ok(true) => std::process::exit(0),
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("{tool}: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,14 +91,7 @@ fn main() {
         eprintln!("memory: --tenants must be between 1 and 10000");
         std::process::exit(64);
     }
-    match run(&args) {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("memory: {e}");
-            std::process::exit(2);
-        }
-    }
+    luafcgid_bench::daemon::exit_with("memory", run(&args));
 }
 
 /// A bare state's figures: its Lua heap, and this process's RSS growth per state.

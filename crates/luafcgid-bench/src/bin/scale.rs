@@ -111,14 +111,7 @@ fn main() {
         eprintln!("scale: {e}");
         std::process::exit(64);
     }
-    match run(&args) {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("scale: {e}");
-            std::process::exit(2);
-        }
-    }
+    luafcgid_bench::daemon::exit_with("scale", run(&args));
 }
 
 fn validate(args: &Args) -> Result<(), String> {
