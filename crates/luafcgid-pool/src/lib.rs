@@ -14,4 +14,6 @@
 mod pool;
 
 pub use luafcgid_sandbox::StateOptions;
-pub use pool::{FileStamp, Lease, PoolStats, Pooled, Retire, ScriptKey, StatePool, Version};
+pub use pool::{
+    Admission, FileStamp, Lease, PoolStats, Pooled, Retire, ScriptKey, StatePool, Version,
+};

@@ -16,6 +16,15 @@ use tokio::sync::Semaphore;
 /// A script's identity: its real path (after symlinks).
 pub type ScriptKey = Arc<Path>;
 
+/// What [`StatePool::admission`] says of a script.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// One permit per request of the script running or about to (`clones` in all).
+    pub permits: Arc<Semaphore>,
+    /// One of the script's recent runs took long ([`StatePool::mark_slow`]).
+    pub slow: bool,
+}
+
 /// What identifies a version of a file: any change of it means the file changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {
@@ -124,6 +133,8 @@ struct Entry<S> {
     scored_at: Instant,
     admission: Arc<Semaphore>,
     clones: u32,
+    /// Until when the script counts as slow (see [`StatePool::mark_slow`]).
+    slow_until: Option<Instant>,
 }
 
 impl<S> Entry<S> {
@@ -138,6 +149,7 @@ impl<S> Entry<S> {
             scored_at: now,
             admission: Arc::new(Semaphore::new(clones as usize)),
             clones,
+            slow_until: None,
         }
     }
 
@@ -234,20 +246,41 @@ impl<S: Pooled> StatePool<S> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The semaphore that bounds concurrent requests of `key` to `clones`. A request holds
-    /// a permit from before it is queued until its state is checked back in.
-    pub fn admission(&self, key: &ScriptKey, clones: u32) -> Arc<Semaphore> {
-        let now = Instant::now();
+    /// What a request of `key` needs before it runs: the semaphore that bounds concurrent
+    /// requests of the script to `clones` (a request holds a permit from before it is
+    /// queued until its state is checked back in), and whether the script is slow now.
+    pub fn admission(&self, key: &ScriptKey, clones: u32) -> Admission {
         let mut inner = self.lock();
         let entry = inner
             .entries
             .entry(key.clone())
-            .or_insert_with(|| Entry::new(clones, now));
+            .or_insert_with(|| Entry::new(clones, Instant::now()));
         if entry.clones != clones {
             entry.clones = clones;
             entry.admission = Arc::new(Semaphore::new(clones as usize));
         }
-        entry.admission.clone()
+        let slow = match entry.slow_until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                entry.slow_until = None;
+                false
+            }
+            None => false,
+        };
+        Admission {
+            permits: entry.admission.clone(),
+            slow,
+        }
+    }
+
+    /// Counts `key` as slow for the next `window`: one of its runs took long. The mark is
+    /// kept with the script's entry, so it costs nothing per request and goes when the
+    /// entry does; a script with no entry (never admitted, or forgotten) is not marked.
+    pub fn mark_slow(&self, key: &ScriptKey, window: Duration) {
+        let until = Instant::now() + window;
+        if let Some(entry) = self.lock().entries.get_mut(key) {
+            entry.slow_until = Some(until);
+        }
     }
 
     /// Lends a state of `key`: an idle one if any, else one made by `build`. `version` is
@@ -766,10 +799,10 @@ mod tests {
     fn sweep_keeps_an_admission_in_use() {
         let pool: StatePool<Fake> = StatePool::new(4, 0, Duration::from_secs(60));
         let k = key("/a.lua");
-        let sem = pool.admission(&k, 1);
+        let sem = pool.admission(&k, 1).permits;
         let _permit = sem.clone().try_acquire_owned().unwrap();
         pool.sweep();
-        let again = pool.admission(&k, 1);
+        let again = pool.admission(&k, 1).permits;
         assert!(
             Arc::ptr_eq(&sem, &again),
             "a request holds it: it must survive the sweep"
@@ -778,6 +811,23 @@ mod tests {
         drop((sem, again, _permit));
         pool.sweep();
         assert_eq!(pool.stats().scripts, 0, "unused, it is forgotten");
+    }
+
+    #[test]
+    fn a_slow_mark_lasts_its_window_and_stays_with_its_script() {
+        let pool: StatePool<Fake> = StatePool::new(4, 0, Duration::from_secs(60));
+        let (slow, other) = (key("/slow.lua"), key("/other.lua"));
+        pool.mark_slow(&slow, Duration::from_secs(60));
+        assert!(
+            !pool.admission(&slow, 1).slow,
+            "no entry yet: nothing to mark"
+        );
+        pool.mark_slow(&slow, Duration::from_secs(60));
+        assert!(pool.admission(&slow, 1).slow);
+        assert!(pool.admission(&slow, 1).slow, "asking does not clear it");
+        assert!(!pool.admission(&other, 1).slow, "only the marked script");
+        pool.mark_slow(&slow, Duration::ZERO);
+        assert!(!pool.admission(&slow, 1).slow, "the window is over");
     }
 
     #[test]

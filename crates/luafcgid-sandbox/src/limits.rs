@@ -16,7 +16,7 @@
 //! [`PROBE_INTERVAL`] of wall-clock time.
 
 use std::sync::atomic::{
-    AtomicI64, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
+    AtomicBool, AtomicI64, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
 };
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -32,6 +32,11 @@ use crate::{LimitKind, Limits, BUDGET_PERIOD};
 /// else's short ones. Short, because every millisecond a long run spends at normal
 /// priority delays whatever shares its CPU (two system calls per long run are the cost).
 pub(crate) const LONG_RUN: Duration = Duration::from_millis(2);
+
+/// Instructions a run must have counted, beyond lasting [`LONG_RUN`], to be reported long
+/// ([`crate::Report::long`]): about what a millisecond of plain Lua executes on a slow CPU,
+/// so a short run whose thread was only waiting for a CPU is not taken for a long one.
+pub(crate) const LONG_RUN_INSTRUCTIONS: u64 = 100_000;
 
 /// How often, at most, the hook asks whether the request was aborted.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(1);
@@ -108,6 +113,8 @@ pub(crate) struct Budget {
     /// The scheduling policy to give the thread back at the end of the run, plus 100 (0:
     /// the thread's priority was not lowered).
     lowered: AtomicI64,
+    /// The hook saw this run go on past [`LONG_RUN`].
+    long: AtomicBool,
     /// Instruction budget; `u64::MAX` = none.
     instructions: AtomicU64,
     /// Deadline in nanoseconds since `epoch`; `u64::MAX` = none.
@@ -132,6 +139,7 @@ impl Budget {
             vm: OnceLock::new(),
             started: AtomicU64::new(0),
             lowered: AtomicI64::new(0),
+            long: AtomicBool::new(false),
             instructions: AtomicU64::new(u64::MAX),
             deadline: AtomicU64::new(u64::MAX),
             next_probe: AtomicU64::new(0),
@@ -166,6 +174,7 @@ impl Budget {
         self.tripped.store(0, Relaxed);
         self.peak.store(memory_now, Relaxed);
         self.started.store(now, Relaxed);
+        self.long.store(false, Relaxed);
         if let Some(vm) = self.vm.get() {
             let slot = thread_slot();
             let grant = self.next_grant(0);
@@ -273,6 +282,11 @@ impl Budget {
         self.peak.fetch_max(bytes, Relaxed);
     }
 
+    /// Whether the hook saw the last run go on past [`LONG_RUN`].
+    pub(crate) fn was_long(&self) -> bool {
+        self.long.load(Relaxed)
+    }
+
     pub(crate) fn peak_memory(&self) -> usize {
         self.peak.load(Relaxed)
     }
@@ -293,6 +307,14 @@ impl Budget {
             if let Some(policy) = crate::vm::lower_thread_priority() {
                 self.lowered.store(i64::from(policy) + 100, Relaxed);
             }
+        }
+        if !self.long.load(Relaxed)
+            && is_long(
+                now.saturating_sub(self.started.load(Relaxed)),
+                self.counted.load(Relaxed),
+            )
+        {
+            self.long.store(true, Relaxed);
         }
         let grant = self.next_grant(self.counted.load(Relaxed));
         self.granted.store(grant, Relaxed);
@@ -329,6 +351,13 @@ impl Budget {
         }
         Ok(())
     }
+}
+
+/// Whether a run that has lasted `elapsed_ns` and counted `instructions` is a long one. Long by
+/// the clock alone may only mean that its thread waited for a CPU: it must also have done
+/// the work of a long run.
+fn is_long(elapsed_ns: u64, instructions: u64) -> bool {
+    elapsed_ns > LONG_RUN.as_nanos() as u64 && instructions >= LONG_RUN_INSTRUCTIONS
 }
 
 /// Asks the request-scoped probe whether the abort flag is set.
@@ -386,5 +415,24 @@ impl Budget {
     pub(crate) fn charge(&self, lua: &Lua, n: u64) -> mlua::Result<()> {
         let now = self.count(n)?;
         self.probe(lua, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_long_by_the_clock_and_by_its_work_together() {
+        let over = LONG_RUN.as_nanos() as u64 + 1_000_000;
+        assert!(is_long(over, LONG_RUN_INSTRUCTIONS));
+        assert!(
+            !is_long(over, 500),
+            "a short run whose thread waited for a CPU is not long"
+        );
+        assert!(
+            !is_long(LONG_RUN.as_nanos() as u64 / 2, 10 * LONG_RUN_INSTRUCTIONS),
+            "much work done quickly is not long either"
+        );
     }
 }

@@ -198,6 +198,7 @@ impl ScriptState {
                 memory: self.lua.used_memory(),
                 logs: Vec::new(),
                 logs_dropped: 0,
+                long: false,
             };
         }
         let lua = &self.lua;
@@ -245,6 +246,7 @@ impl ScriptState {
             memory: self.budget.peak_memory(),
             logs,
             logs_dropped,
+            long: self.budget.was_long(),
         }
     }
 

@@ -9,14 +9,16 @@
 //! most `queue_timeout`, with at most `queue_max` requests waiting in all, and answers 503
 //! `shed` beyond either. The runtime has one thread more than there are Lua slots, so
 //! however many requests are in Lua, a thread is always left to accept connections, answer
-//! management records and reject requests.
+//! management records and reject requests. A script whose runs take long (see
+//! [`SLOW_WINDOW`]) never runs inline: its requests wait for their permits and run on a
+//! blocking thread, away from the threads that serve connections.
 //!
 //! Both front ends (FastCGI and the development HTTP listener) come through here, so every
 //! request gets exactly one reply and one audit line, whatever happens to it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fastcgi_protocol::{encode_end_request, encode_response, Params, ProtocolStatus};
 use luafcgid_policy::{Effective, Resolution};
@@ -189,6 +191,14 @@ pub fn answer_early(
     }
 }
 
+/// How long a script counts as slow after one of its runs took long (more than a couple of
+/// milliseconds). Meanwhile its requests never run inline on the threads that serve
+/// connections but wait for their permits and run on a thread of their own, so a tenant's
+/// slow script cannot hold those threads while other tenants' requests wait. Each long run
+/// renews the mark; a script that runs long once in a while is caught by its first such run
+/// (which the probe's hand-off covers) and then stays apart for the whole window.
+pub const SLOW_WINDOW: Duration = Duration::from_secs(10);
+
 /// Seconds a shed client should wait before retrying.
 const SHED_RETRY_AFTER: u64 = 1;
 
@@ -297,10 +307,11 @@ pub fn dispatch(
         ));
     }
     let admission = shared.pool.admission(&script.key, policy.clones);
+    let (clones, slow) = (admission.permits, admission.slow);
     let tenant = shared.tenants.of(&effective.tenant);
-    if let Some(probe) = inline {
+    if let Some(probe) = inline.filter(|_| !slow) {
         if let Ok(own) = tenant.clone().try_acquire_owned() {
-            if let Ok(clone) = admission.clone().try_acquire_owned() {
+            if let Ok(clone) = clones.clone().try_acquire_owned() {
                 if let Ok(slot) = shared.lua_slots.clone().try_acquire_owned() {
                     let reply = run(shared, &inc, &script, &effective, Some(probe));
                     drop((slot, clone, own));
@@ -332,7 +343,7 @@ pub fn dispatch(
         // the queue for a Lua slot, where they would be ahead of other tenants' requests.
         let permits = tokio::time::timeout(shared.config.queue_timeout, async {
             let own = tenant.acquire_owned().await.ok()?;
-            let clone = admission.acquire_owned().await.ok()?;
+            let clone = clones.acquire_owned().await.ok()?;
             let slot = shared.lua_slots.clone().acquire_owned().await.ok()?;
             Some((slot, clone, own))
         })
@@ -342,6 +353,23 @@ pub fn dispatch(
             shared.metrics.shed(ShedReason::QueueTimeout);
         }
         let reply = match permits {
+            Ok(Some(permits)) if slow => {
+                // Away from the threads that serve connections: a run of a slow script
+                // there would hold one of them for as long as it runs.
+                shared.metrics.ran_apart();
+                let apart = shared.clone();
+                let reply = tokio::task::spawn_blocking(move || {
+                    let reply = run(&apart, &inc, &script, &effective, None);
+                    drop(permits);
+                    reply
+                })
+                .await;
+                match reply {
+                    Ok(reply) => reply,
+                    // The run panicked (a bug): as on a runtime thread, only its task ends.
+                    Err(_) => return,
+                }
+            }
             Ok(Some(permits)) => {
                 let probe = SocketProbe::runtime_only();
                 let reply = run(&shared, &inc, &script, &effective, Some(&probe));
@@ -457,6 +485,9 @@ fn run(
                     client,
                 };
                 let mut report = lease.state().handle(&input, &limits);
+                if report.long {
+                    shared.pool.mark_slow(&script.key, SLOW_WINDOW);
+                }
                 instructions = Some(report.instructions);
                 memory = Some(report.memory as u64);
                 logs = (std::mem::take(&mut report.logs), report.logs_dropped);

@@ -249,6 +249,7 @@ pub struct Metrics {
     rate_limited: [AtomicU64; LIMITS.len()],
     shed: [AtomicU64; ShedReason::ALL.len()],
     reloads: AtomicU64,
+    runs_apart: AtomicU64,
     /// The `Shared` whose gauges the text reports: the latest attached.
     source: Mutex<Weak<Shared>>,
 }
@@ -263,6 +264,7 @@ impl Default for Metrics {
             rate_limited: counters(),
             shed: counters(),
             reloads: AtomicU64::new(0),
+            runs_apart: AtomicU64::new(0),
             source: Mutex::new(Weak::new()),
         }
     }
@@ -296,6 +298,11 @@ impl Metrics {
     /// Counts one configuration reload.
     pub fn reloaded(&self) {
         self.reloads.fetch_add(1, Relaxed);
+    }
+
+    /// Counts one run of a slow script on a blocking thread.
+    pub fn ran_apart(&self) {
+        self.runs_apart.fetch_add(1, Relaxed);
     }
 
     /// Reloads counted so far.
@@ -463,6 +470,18 @@ impl Metrics {
             "Configuration reloads.",
         );
         let _ = writeln!(text, "luafcgid_reloads_total {}", self.reloads());
+
+        family(
+            text,
+            "luafcgid_runs_apart_total",
+            "counter",
+            "Requests of slow scripts run on a blocking thread, away from the connections' threads.",
+        );
+        let _ = writeln!(
+            text,
+            "luafcgid_runs_apart_total {}",
+            self.runs_apart.load(Relaxed)
+        );
 
         if let Some(shared) = self.source() {
             render_gauges(&shared, text);

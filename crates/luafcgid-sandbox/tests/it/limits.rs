@@ -379,3 +379,27 @@ fn ends_at_the_time_limit(state: &mut ScriptState) -> Duration {
     assert!(elapsed < Duration::from_millis(300), "{elapsed:?}");
     elapsed
 }
+
+#[test]
+fn a_run_that_works_for_milliseconds_is_reported_long_and_a_short_one_is_not() {
+    let mut s = load("function handler() local t = os.clock() while os.clock() - t < 0.05 do end return 'done' end");
+    let report = Req::default().run(&mut s.state, &time_only(Duration::from_secs(5)));
+    assert!(report.long, "50 ms of work is long");
+    assert_eq!(body(report), "done");
+    let mut s = load("function handler() return 'hi' end");
+    let report = Req::default().run(&mut s.state, &time_only(Duration::from_secs(5)));
+    assert!(!report.long);
+    assert_eq!(body(report), "hi");
+    // The flag belongs to one run: the next, short run of the same state is not long.
+    let mut s = load("n = 0 function handler() n = n + 1 if n == 1 then local t = os.clock() while os.clock() - t < 0.05 do end end return 'x' end");
+    assert!(
+        Req::default()
+            .run(&mut s.state, &time_only(Duration::from_secs(5)))
+            .long
+    );
+    assert!(
+        !Req::default()
+            .run(&mut s.state, &time_only(Duration::from_secs(5)))
+            .long
+    );
+}

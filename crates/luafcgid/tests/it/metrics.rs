@@ -582,3 +582,32 @@ fn the_binary_serves_metrics_on_the_address_it_names() {
     assert_eq!(healthz, Some(200));
     assert!(!text.contains("not enforced"), "{text}");
 }
+
+#[test]
+fn runs_of_a_slow_script_after_its_first_long_one_run_apart() {
+    let d = Daemon::start_with(
+        "",
+        &[("slow.lua", &spin(0.02)), ("hello.lua", HELLO)],
+        with_metrics,
+    );
+    let addr = d.metrics.unwrap();
+    for _ in 0..3 {
+        assert_eq!(d.get("hello.lua").status, 200);
+    }
+    assert_eq!(
+        scrape(addr).value("luafcgid_runs_apart_total", &[]),
+        0.0,
+        "short runs stay inline"
+    );
+    for _ in 0..3 {
+        let r = d.get("slow.lua");
+        assert_eq!((r.status, r.body.as_slice()), (200, b"slow".as_slice()));
+    }
+    assert_eq!(
+        scrape(addr).value("luafcgid_runs_apart_total", &[]),
+        2.0,
+        "the first long run marks the script; the next two run apart"
+    );
+    assert_eq!(d.get("hello.lua").status, 200);
+    assert_eq!(scrape(addr).value("luafcgid_runs_apart_total", &[]), 2.0);
+}
