@@ -99,7 +99,18 @@ pub struct StateOptions {
 pub trait ClientProbe: Sync {
     /// True when the client has gone away.
     fn gone(&self) -> bool;
+
+    /// How long a long run (one that has lasted a couple of milliseconds and done the work
+    /// of one: see [`Report::long`]) should stop now to give the CPU back, asked before
+    /// [`ClientProbe::gone`] each time the hook probes such a run. The pause counts against
+    /// the run's time limit; it is cut to [`MAX_PAUSE`]. The default: none.
+    fn pause(&self) -> Duration {
+        Duration::ZERO
+    }
 }
+
+/// The longest pause [`ClientProbe::pause`] may ask for at a time.
+pub const MAX_PAUSE: Duration = Duration::from_millis(10);
 
 impl std::fmt::Debug for dyn ClientProbe + '_ {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -300,7 +300,6 @@ impl Budget {
         self.settle(slot);
         let now = self.count(0)?;
         self.note_memory(lua.used_memory());
-        self.probe(lua, now)?;
         if self.lowered.load(Relaxed) == 0
             && now.saturating_sub(self.started.load(Relaxed)) > LONG_RUN.as_nanos() as u64
         {
@@ -316,6 +315,7 @@ impl Budget {
         {
             self.long.store(true, Relaxed);
         }
+        self.probe(lua, now)?;
         let grant = self.next_grant(self.counted.load(Relaxed));
         self.granted.store(grant, Relaxed);
         slot.grant(grant);
@@ -340,12 +340,13 @@ impl Budget {
         Ok(now)
     }
 
-    /// Asks the abort probe, at most once per [`PROBE_INTERVAL`].
+    /// Asks the abort probe, at most once per [`PROBE_INTERVAL`]; in a long run, the probe
+    /// may first pause the run ([`crate::ClientProbe::pause`]).
     fn probe(&self, lua: &Lua, now: u64) -> mlua::Result<()> {
         if now >= self.next_probe.load(Relaxed) {
             self.next_probe
                 .store(now + PROBE_INTERVAL.as_nanos() as u64, Relaxed);
-            if probe_abort(lua)? {
+            if probe_abort(lua, self.long.load(Relaxed))? {
                 return Err(self.trip(Stop::Aborted));
             }
         }
@@ -360,14 +361,19 @@ fn is_long(elapsed_ns: u64, instructions: u64) -> bool {
     elapsed_ns > LONG_RUN.as_nanos() as u64 && instructions >= LONG_RUN_INSTRUCTIONS
 }
 
-/// Asks the request-scoped probe whether the abort flag is set.
-fn probe_abort(lua: &Lua) -> mlua::Result<bool> {
+/// Asks the request-scoped probe whether the abort flag is set (in a `long` run, after the
+/// pause the client probe asks for, if any).
+fn probe_abort(lua: &Lua, long: bool) -> mlua::Result<bool> {
     let probe = match lua.try_app_data_ref::<AbortProbe>() {
         Ok(Some(probe)) => probe.0.clone(),
         _ => None,
     };
     match probe {
-        Some(probe) => probe.call::<bool>(crate::request::OP_ABORT),
+        Some(probe) => probe.call::<bool>(if long {
+            crate::request::OP_PAUSE_ABORT
+        } else {
+            crate::request::OP_ABORT
+        }),
         None => Ok(false),
     }
 }

@@ -13,13 +13,16 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mlua::{
     Error, Function, Lua, Table, UserData, UserDataFields, UserDataMethods, Value, Variadic,
 };
 
 use crate::limits::{Budget, Stop};
-use crate::{LimitKind, RequestInput, Response, MAX_LOG_MESSAGES, MAX_LOG_MESSAGE_BYTES};
+use crate::{
+    LimitKind, RequestInput, Response, MAX_LOG_MESSAGES, MAX_LOG_MESSAGE_BYTES, MAX_PAUSE,
+};
 
 /// `input(OP_ABORT)`: whether the abort flag is set.
 pub(crate) const OP_ABORT: u8 = 0;
@@ -29,6 +32,9 @@ const OP_BODY: u8 = 1;
 const OP_CONFIG: u8 = 2;
 /// `input(OP_ENV)`: a new table of every param plus `LUAFCGID_VERSION`.
 pub(crate) const OP_ENV: u8 = 3;
+/// `input(OP_PAUSE_ABORT)`: as `OP_ABORT`, after the pause the client probe asks of a long
+/// run ([`crate::ClientProbe::pause`]).
+pub(crate) const OP_PAUSE_ABORT: u8 = 4;
 
 /// Longest header name accepted.
 const MAX_HEADER_NAME: usize = 256;
@@ -195,7 +201,13 @@ pub(crate) fn input(
     name: Option<mlua::LuaString>,
 ) -> mlua::Result<Value> {
     match op {
-        OP_ABORT => {
+        OP_ABORT | OP_PAUSE_ABORT => {
+            if op == OP_PAUSE_ABORT {
+                let pause = req.client.map_or(Duration::ZERO, |c| c.pause());
+                if !pause.is_zero() {
+                    std::thread::sleep(pause.min(MAX_PAUSE));
+                }
+            }
             let gone = req.abort.load(Relaxed) || req.client.is_some_and(|c| c.gone());
             if gone {
                 req.abort.store(true, Relaxed);

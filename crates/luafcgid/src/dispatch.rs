@@ -16,7 +16,7 @@
 //! Both front ends (FastCGI and the development HTTP listener) come through here, so every
 //! request gets exactly one reply and one audit line, whatever happens to it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use crate::outcome::Outcome;
 use crate::probe::SocketProbe;
 use crate::ratelimit::Verdict;
 use crate::render::{error_page, render};
+use crate::request_id::RequestIds;
 use crate::resolve::{Refusal, Script};
 use crate::server::Shared;
 
@@ -199,6 +200,45 @@ pub fn answer_early(
 /// (which the probe's hand-off covers) and then stays apart for the whole window.
 pub const SLOW_WINDOW: Duration = Duration::from_secs(10);
 
+/// How long a slow script's run pauses, at each probe of the hook (about every 2 ms of
+/// running), while the daemon is serving other requests.
+pub const APART_PAUSE: Duration = Duration::from_millis(2);
+
+/// The probe of a slow script's run on a blocking thread. It watches no socket (the
+/// connection task does) and, when requests came in since it last looked, pauses the run
+/// for [`APART_PAUSE`], so the run's thread leaves its CPU idle now and then. A long run
+/// already gives up its priority (`SCHED_IDLE`), but a CPU kept busy by it still looks busy
+/// to the kernel when it places woken threads: they then queue behind one another on the
+/// other CPUs instead of taking this one. The pauses let them take it.
+struct Apart<'a> {
+    ids: &'a RequestIds,
+    /// Requests issued when it last looked (`u64::MAX`: it has not looked yet).
+    seen: AtomicU64,
+}
+
+impl<'a> Apart<'a> {
+    fn new(ids: &'a RequestIds) -> Apart<'a> {
+        Apart {
+            ids,
+            seen: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl ClientProbe for Apart<'_> {
+    fn gone(&self) -> bool {
+        false
+    }
+
+    fn pause(&self) -> Duration {
+        let now = self.ids.issued();
+        match self.seen.swap(now, Ordering::Relaxed) {
+            before if before != u64::MAX && before != now => APART_PAUSE,
+            _ => Duration::ZERO,
+        }
+    }
+}
+
 /// Seconds a shed client should wait before retrying.
 const SHED_RETRY_AFTER: u64 = 1;
 
@@ -359,7 +399,8 @@ pub fn dispatch(
                 shared.metrics.ran_apart();
                 let apart = shared.clone();
                 let reply = tokio::task::spawn_blocking(move || {
-                    let reply = run(&apart, &inc, &script, &effective, None);
+                    let probe = Apart::new(&apart.ids);
+                    let reply = run(&apart, &inc, &script, &effective, Some(&probe));
                     drop(permits);
                     reply
                 })
@@ -572,5 +613,25 @@ fn run(
         bytes,
         keep_conn: inc.keep_conn,
         outcome,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_apart_pauses_only_when_requests_came_in_since_it_last_looked() {
+        let ids = RequestIds::default();
+        let probe = Apart::new(&ids);
+        assert_eq!(probe.pause(), Duration::ZERO, "the first look only counts");
+        assert_eq!(probe.pause(), Duration::ZERO, "nothing came in");
+        ids.next_id();
+        assert_eq!(probe.pause(), APART_PAUSE);
+        assert_eq!(probe.pause(), Duration::ZERO, "nothing more came in");
+        ids.next_id();
+        ids.next_id();
+        assert_eq!(probe.pause(), APART_PAUSE);
+        assert!(!probe.gone(), "the connection task watches the client");
     }
 }

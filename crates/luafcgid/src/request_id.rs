@@ -31,6 +31,11 @@ fn mix(mut z: u64) -> u64 {
 }
 
 impl RequestIds {
+    /// How many ids were handed out so far.
+    pub fn issued(&self) -> u64 {
+        self.next.load(Ordering::Relaxed) - 1
+    }
+
     /// The next id.
     pub fn next_id(&self) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -55,5 +60,6 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 16);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(ids.issued(), 2);
     }
 }

@@ -403,3 +403,88 @@ fn a_run_that_works_for_milliseconds_is_reported_long_and_a_short_one_is_not() {
             .long
     );
 }
+
+/// Counts the pauses asked of it and asks for its `pause` each time.
+struct Pausing {
+    asked: std::sync::atomic::AtomicU32,
+    pause: Duration,
+}
+
+impl luafcgid_sandbox::ClientProbe for Pausing {
+    fn gone(&self) -> bool {
+        false
+    }
+    fn pause(&self) -> Duration {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        self.pause
+    }
+}
+
+fn run_with(s: &mut ScriptState, probe: &Pausing, limits: &Limits) -> luafcgid_sandbox::Report {
+    let abort = AtomicBool::new(false);
+    let input = luafcgid_sandbox::RequestInput {
+        params: &[],
+        body: b"",
+        vars: &[],
+        abort: &abort,
+        client: Some(probe),
+    };
+    s.handle(&input, limits)
+}
+
+#[test]
+fn only_long_runs_are_asked_to_pause_and_a_pause_counts_against_the_time_limit() {
+    let probe = Pausing {
+        asked: Default::default(),
+        pause: Duration::ZERO,
+    };
+    let mut busy = load("function handler() local t = os.clock() while os.clock() - t < 0.05 do end return 'done' end");
+    let report = run_with(&mut busy.state, &probe, &time_only(Duration::from_secs(5)));
+    assert_eq!(body(report), "done");
+    let asked = probe.asked.load(Ordering::Relaxed);
+    assert!(asked >= 1, "50 ms of work: the probe is asked ({asked})");
+    // A short run is never asked, however many times it runs.
+    let mut hello = load("function handler() return 'hi' end");
+    for _ in 0..100 {
+        assert_eq!(
+            body(run_with(
+                &mut hello.state,
+                &probe,
+                &time_only(Duration::from_secs(5))
+            )),
+            "hi"
+        );
+    }
+    assert_eq!(probe.asked.load(Ordering::Relaxed), asked);
+    // Pauses are wall-clock time of the run: a run that pauses 10 ms (the most) at every
+    // probe ends by its time limit with little work done.
+    let sleepy = Pausing {
+        asked: Default::default(),
+        pause: Duration::from_secs(1),
+    };
+    let mut forever = load("function handler() while true do end end");
+    let start = Instant::now();
+    let report = run_with(
+        &mut forever.state,
+        &sleepy,
+        &time_only(Duration::from_millis(300)),
+    );
+    let took = start.elapsed();
+    assert!(
+        matches!(
+            report.result,
+            Err(Failure::Limit {
+                kind: LimitKind::Time,
+                ..
+            })
+        ),
+        "{:?}",
+        report.result
+    );
+    assert!(
+        took < Duration::from_millis(600),
+        "each pause is cut to 10 ms: {took:?}"
+    );
+    let pauses = sleepy.asked.load(Ordering::Relaxed);
+    assert!(pauses >= 10, "the run paused again and again ({pauses})");
+}
