@@ -23,7 +23,10 @@
 //!   reported (`lag`: due → noticed by the loop; `queue`: due → written).
 //! - C (with flood): a second thread keeps `--flood-connections` keep-alive connections
 //!   sending `flood/burn.lua` in a closed loop; after `--flood-warmup-ms` the same open-loop
-//!   phase as B runs at the same `R`, then the flood stops.
+//!   phase as B runs at the same `R`, then the flood stops. Meanwhile a third tenant's
+//!   `limited/hello.lua` (`[rate] per_script = "1/s"`) is requested every 2 ms on one
+//!   blocking connection: nearly every answer is a 429, and their p99 is reported against
+//!   issue 7's target of 5 ms (not part of the verdict).
 //!
 //! It reports per phase: requests, the share answered 200, every other status or error
 //! (503 shed, 429, 500, connection errors, unanswered), latency p50/p99/p99.9/max over all
@@ -37,7 +40,7 @@
 //! PASS, 1 on FAIL, 2 when the run could not be made (including when, before anything is
 //! measured, `good/hello.lua` does not answer 200 or `flood/burn.lua` not a limit's 500).
 //!
-//! It does not measure throughput under overload, TCP, or more than two tenants; its
+//! It does not measure throughput under overload, TCP, or more than three tenants; its
 //! client shares the machine's CPUs with the daemon (its CPU time is reported so the share
 //! can be judged). Everything is bounded: at most 50 million requests per phase, phases of
 //! at most 10 minutes, unanswered requests given up `--drain-secs` after the last is due.
@@ -183,6 +186,8 @@ struct Setup {
     www: PathBuf,
     hello: PathBuf,
     burn: PathBuf,
+    /// `limited/hello.lua`, under a per-script rate limit of 1/s.
+    limited: PathBuf,
 }
 
 impl Setup {
@@ -197,6 +202,10 @@ impl Setup {
     fn flood_request(&self) -> Vec<u8> {
         build_request(&self.burn, &self.www, &format!("{MARKER}flood"), true)
     }
+
+    fn limited_request(&self) -> Vec<u8> {
+        build_request(&self.limited, &self.www, &format!("{MARKER}limited"), true)
+    }
 }
 
 fn run(args: &Args) -> Result<bool, String> {
@@ -209,7 +218,7 @@ fn run(args: &Args) -> Result<bool, String> {
     let write = |p: &Path, text: &str| -> Result<(), String> {
         std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))
     };
-    for sub in ["good", "flood"] {
+    for sub in ["good", "flood", "limited"] {
         let d = www.join(sub);
         std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
@@ -217,10 +226,16 @@ fn run(args: &Args) -> Result<bool, String> {
         socket: dir.path().join("luafcgid.sock"),
         hello: www.join("good").join("hello.lua"),
         burn: www.join("flood").join("burn.lua"),
+        limited: www.join("limited").join("hello.lua"),
         www: www.clone(),
     };
     write(&setup.hello, HELLO)?;
     write(&setup.burn, BURN)?;
+    write(&setup.limited, HELLO)?;
+    write(
+        &www.join("limited").join("policy.toml"),
+        "# Answered 429 beyond one request a second.\n[rate]\nper_script = \"1/s\"\n",
+    )?;
     let flood_policy = format!(
         "# The flooding tenant: every request burns its whole budget.\n\
          timeout_ms = {}\nclones = {flood_clones}\n",
@@ -336,7 +351,7 @@ fn run(args: &Args) -> Result<bool, String> {
         + Duration::from_millis(args.flood_warmup_ms)
         + Duration::from_secs_f64(args.duration + args.drain_secs + 10.0);
     let cpu_c = CpuMeter::start(pid);
-    let (crowded, flood) = std::thread::scope(|scope| {
+    let (crowded, flood, early) = std::thread::scope(|scope| {
         let flood = scope.spawn(|| {
             let started = Instant::now();
             closed_loop(
@@ -350,16 +365,22 @@ fn run(args: &Args) -> Result<bool, String> {
         });
         let guard = SetOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(args.flood_warmup_ms));
+        let early =
+            scope.spawn(|| paced(&setup.socket, &setup.limited_request(), EARLY_EVERY, &stop));
         let crowded = open_loop(&setup.address(), &setup.good_request("C"), rate, args);
         drop(guard);
         let flood = flood
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the flood thread panicked")));
-        (crowded, flood)
+        let early = early
+            .join()
+            .unwrap_or_else(|_| Err("the rate-limited stream's thread panicked".into()));
+        (crowded, flood, early)
     });
     let cpu_c = cpu_c.stop(pid);
     let crowded = crowded.map_err(|e| format!("phase C: {e}"))?;
     let flood = flood.map_err(|e| format!("the flood: {e}"))?;
+    let early = early.map_err(|e| format!("the rate-limited stream: {e}"))?;
     daemon.check_alive()?;
 
     // The audit lines of the abandoned flood requests come when their limits end them.
@@ -373,6 +394,7 @@ fn run(args: &Args) -> Result<bool, String> {
         solo,
         crowded,
         flood,
+        early,
         cpu: [cpu_a, cpu_b, cpu_c],
         audit,
     };
@@ -899,6 +921,65 @@ fn closed_loop(
     })
 }
 
+/// How often the rate-limited stream sends during phase C (one connection).
+const EARLY_EVERY: Duration = Duration::from_millis(2);
+
+/// Target: rate-limited answers come back within this, p99, beside the flood (issue 7).
+const TARGET_EARLY_P99: Duration = Duration::from_millis(5);
+
+/// What the rate-limited stream saw: every answer, and the latencies of its 429s (sorted).
+#[derive(Debug, Default)]
+struct Early {
+    tally: Tally,
+    limited: Vec<u64>,
+}
+
+/// Sends `request` on one blocking keep-alive connection every `every` (at once when the
+/// previous answer came later) until `stop` is set; latency runs from each write to its
+/// `END_REQUEST`. Bounded by `stop`, which phase C sets however it ends.
+fn paced(
+    socket: &Path,
+    request: &[u8],
+    every: Duration,
+    stop: &AtomicBool,
+) -> Result<Early, String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let (mut buf, mut head) = (Vec::new(), Vec::new());
+    let mut early = Early::default();
+    let mut due = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        due += every;
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        } else {
+            due = now;
+        }
+        let sent = Instant::now();
+        let answer = luafcgid_bench::daemon::exchange(&mut stream, request, &mut buf, &mut head);
+        let took = sent.elapsed();
+        early.tally.requests += 1;
+        match answer {
+            Ok(status) => {
+                early.tally.add_end(&End::Status(status), took);
+                if status == 429 {
+                    early
+                        .limited
+                        .push(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    early.tally.sort();
+    early.limited.sort_unstable();
+    Ok(early)
+}
+
 /// What an open-loop phase measured.
 #[derive(Debug)]
 struct OpenResult {
@@ -1066,6 +1147,8 @@ struct Report {
     solo: OpenResult,
     crowded: OpenResult,
     flood: ClosedResult,
+    /// The rate-limited stream beside the flood.
+    early: Early,
     cpu: [Cpu; 3],
     audit: AuditSummary,
 }
@@ -1271,6 +1354,25 @@ impl Report {
                 100.0 * self.solo.tally.ok_share()
             );
         }
+        let early = &self.early.limited;
+        let early_p99 = percentile(early, 99.0);
+        println!(
+            "429s beside the flood (limited/hello.lua, per_script 1/s, one request every {} ms \
+             on one connection): {} answers ({}); 429 p50 {}, p99 {}, max {} (target p99 ≤ {} ms, \
+             reported, not part of the verdict): {}",
+            EARLY_EVERY.as_millis(),
+            self.early.tally.requests,
+            self.early.tally.statuses_text(),
+            fmt_ns(percentile(early, 50.0)),
+            fmt_ns(early_p99),
+            fmt_ns(percentile(early, 100.0)),
+            TARGET_EARLY_P99.as_millis(),
+            if early_p99.is_some_and(|p| p <= TARGET_EARLY_P99.as_nanos() as u64) {
+                "yes"
+            } else {
+                "NO"
+            }
+        );
         let pass = ok_pass && ratio_pass;
         println!("\n{}: {}", date_utc(), if pass { "PASS" } else { "FAIL" });
         pass
