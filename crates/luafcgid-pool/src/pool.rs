@@ -259,17 +259,9 @@ impl<S: Pooled> StatePool<S> {
             entry.clones = clones;
             entry.admission = Arc::new(Semaphore::new(clones as usize));
         }
-        let slow = match entry.slow_until {
-            Some(until) if Instant::now() < until => true,
-            Some(_) => {
-                entry.slow_until = None;
-                false
-            }
-            None => false,
-        };
         Admission {
             permits: entry.admission.clone(),
-            slow,
+            slow: entry.slow_until.is_some_and(|until| Instant::now() < until),
         }
     }
 

@@ -150,10 +150,11 @@ pub struct Report {
     pub logs: Vec<String>,
     /// Messages of `r:log(msg)` dropped beyond [`MAX_LOG_MESSAGES`].
     pub logs_dropped: usize,
-    /// The run went on for more than a couple of milliseconds (as the hook saw it: the hook
-    /// runs at least every couple of milliseconds, so a longer run is always seen, except
-    /// while a single metered C call works). The daemon runs such scripts away from the
-    /// threads that serve connections.
+    /// The run went on for more than a couple of milliseconds *and* executed 100,000
+    /// instructions or more by then (as the hook saw it: the hook runs at least every couple
+    /// of milliseconds, so such a run is always seen, except while a single metered C call
+    /// works). A run that only waited for a CPU is not long. The daemon runs the scripts of
+    /// long runs away from the threads that serve connections.
     pub long: bool,
 }
 

@@ -113,7 +113,7 @@ pub(crate) struct Budget {
     /// The scheduling policy to give the thread back at the end of the run, plus 100 (0:
     /// the thread's priority was not lowered).
     lowered: AtomicI64,
-    /// The hook saw this run go on past [`LONG_RUN`].
+    /// The hook saw this run go on past [`LONG_RUN`] with the work of a long run ([`is_long`]).
     long: AtomicBool,
     /// Instruction budget; `u64::MAX` = none.
     instructions: AtomicU64,
@@ -282,7 +282,7 @@ impl Budget {
         self.peak.fetch_max(bytes, Relaxed);
     }
 
-    /// Whether the hook saw the last run go on past [`LONG_RUN`].
+    /// Whether the hook saw the last run be a long one ([`is_long`]).
     pub(crate) fn was_long(&self) -> bool {
         self.long.load(Relaxed)
     }
@@ -300,19 +300,13 @@ impl Budget {
         self.settle(slot);
         let now = self.count(0)?;
         self.note_memory(lua.used_memory());
-        if self.lowered.load(Relaxed) == 0
-            && now.saturating_sub(self.started.load(Relaxed)) > LONG_RUN.as_nanos() as u64
-        {
+        let elapsed = now.saturating_sub(self.started.load(Relaxed));
+        if self.lowered.load(Relaxed) == 0 && elapsed > LONG_RUN.as_nanos() as u64 {
             if let Some(policy) = crate::vm::lower_thread_priority() {
                 self.lowered.store(i64::from(policy) + 100, Relaxed);
             }
         }
-        if !self.long.load(Relaxed)
-            && is_long(
-                now.saturating_sub(self.started.load(Relaxed)),
-                self.counted.load(Relaxed),
-            )
-        {
+        if !self.long.load(Relaxed) && is_long(elapsed, self.counted.load(Relaxed)) {
             self.long.store(true, Relaxed);
         }
         self.probe(lua, now)?;

@@ -1355,8 +1355,11 @@ impl Report {
                 100.0 * self.solo.tally.ok_share()
             );
         }
-        let no_429s = Vec::new();
-        let early = self.early.other_latencies.get(&429).unwrap_or(&no_429s);
+        let early = self
+            .early
+            .other_latencies
+            .get(&429)
+            .map_or(&[][..], Vec::as_slice);
         let early_p99 = percentile(early, 99.0);
         println!(
             "429s beside the flood (limited/hello.lua, per_script 1/s, one request every {} ms \
