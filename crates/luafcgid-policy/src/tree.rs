@@ -157,7 +157,7 @@ impl SweepReport {
 pub const MAX_PENDING_EVENTS: usize = 4096;
 
 /// Resolved directories, by path.
-type Map = HashMap<OsString, Arc<DirEntry>>;
+type Map = foldhash::HashMap<OsString, Arc<DirEntry>>;
 
 /// Distinguishes trees in threads' snapshot handles.
 static NEXT_TREE: AtomicU64 = AtomicU64::new(0);
@@ -209,7 +209,7 @@ struct Start {
 #[derive(Debug)]
 struct DirEntry {
     dir: Resolution,
-    scripts: HashMap<OsString, Resolution>,
+    scripts: foldhash::HashMap<OsString, Resolution>,
 }
 
 impl DirEntry {
@@ -426,7 +426,7 @@ impl PolicyTree {
             operator,
             start,
             epoch: AtomicU64::new(0),
-            published: Mutex::new(Arc::new(Map::new())),
+            published: Mutex::new(Arc::new(Map::default())),
             state: Mutex::new(State::default()),
         }
     }
@@ -696,7 +696,7 @@ impl PolicyTree {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         drop(published);
-        let mut cache = Map::with_capacity(old_cache.len());
+        let mut cache = Map::with_capacity_and_hasher(old_cache.len(), Default::default());
         for (key, old) in old_cache {
             let dir = PathBuf::from(&key);
             let Some(root) = state.slots.get(&dir).map(|s| s.root) else {

@@ -6,7 +6,7 @@
 //! finds the cap reached and nothing idle to evict runs on a transient state that is dropped
 //! afterwards); states are dropped outside the lock (closing a Lua state takes time).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -231,7 +231,7 @@ impl<S: Pooled> StatePool<S> {
     pub fn new(states: usize, memory: usize, half_life: Duration) -> Self {
         StatePool {
             inner: Mutex::new(Inner {
-                entries: HashMap::new(),
+                entries: HashMap::default(),
                 total: 0,
                 evicted: 0,
                 memory: 0,

@@ -9,7 +9,7 @@
 //! `queue_max` in all and a quarter of that for one script, so a flooded script cannot take
 //! every place in the queue either. This module only counts; `dispatch` decides.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use luafcgid_pool::ScriptKey;
@@ -26,7 +26,7 @@ impl TenantSlots {
     pub fn new(per_tenant: usize) -> TenantSlots {
         TenantSlots {
             per_tenant: per_tenant.max(1),
-            tenants: Mutex::new(HashMap::new()),
+            tenants: Mutex::new(HashMap::default()),
         }
     }
 
@@ -86,7 +86,7 @@ impl WaitingRoom {
         WaitingRoom {
             max,
             per_script: (max / 4).max(1),
-            counts: Mutex::new((0, HashMap::new())),
+            counts: Mutex::new((0, HashMap::default())),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The JSON audit log: one line per request and per lifecycle event, written by one
 //! background thread so a slow disk never stalls a request. Lines are built by the caller
-//! with serde_json (so script text is escaped by the encoder) and queued without blocking.
+//! (request lines by [`RequestEvent::write_line`], the busiest path, byte for byte as
+//! serde_json would write them; lifecycle events with serde_json) and queued without
+//! blocking.
 //! When the queue is full (in lines or bytes), or a write fails (disk full), a line is
 //! counted as dropped and a later `log_dropped` event reports the count. [`AuditLog::reopen`]
 //! makes the writer reopen its file by name between two lines (logrotate's `postrotate`).
@@ -112,6 +114,11 @@ thread_local! {
 
 /// RFC 3339 UTC time with microseconds.
 pub fn timestamp() -> String {
+    String::from_utf8_lossy(&timestamp_bytes()).into_owned()
+}
+
+/// [`timestamp`] as bytes, without an allocation.
+fn timestamp_bytes() -> [u8; 27] {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -131,7 +138,7 @@ pub fn timestamp() -> String {
     b[19] = b'.';
     push_digits(&mut b[20..26], u64::from(d.subsec_micros()));
     b[26] = b'Z';
-    String::from_utf8_lossy(&b).into_owned()
+    b
 }
 
 /// Cuts script-controlled text to [`AUDIT_TEXT_MAX`] bytes at a character boundary.
@@ -157,10 +164,9 @@ impl Serialize for PolicyFiles<'_> {
     }
 }
 
-/// One `request` event.
-#[derive(Debug, Serialize)]
+/// One `request` event. Its time is taken when the line is written.
+#[derive(Debug)]
 pub struct RequestEvent<'a> {
-    pub ts: String,
     pub event: &'static str,
     pub request_id: &'a str,
     pub client: Option<&'a str>,
@@ -178,6 +184,156 @@ pub struct RequestEvent<'a> {
     pub bytes_out: Option<u64>,
     pub state: Option<&'static str>,
     pub error: Option<&'a str>,
+}
+
+/// How JSON writes each byte of a string: 0 as is, `u` as `\u00XX`, else `\` and that byte.
+const ESCAPE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = b'u';
+        i += 1;
+    }
+    t[0x08] = b'b';
+    t[0x09] = b't';
+    t[0x0a] = b'n';
+    t[0x0c] = b'f';
+    t[0x0d] = b'r';
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t
+};
+
+/// Whether any of the eight bytes of `chunk` needs an escape: a control character, a
+/// quote or a backslash (the zero-byte and less-than tests of "Bit Twiddling Hacks", which
+/// tell exactly whether such a byte is present).
+fn any_escape(chunk: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let control = chunk.wrapping_sub(ONES * 0x20) & !chunk;
+    let q = chunk ^ (ONES * u64::from(b'"'));
+    let quote = q.wrapping_sub(ONES) & !q;
+    let b = chunk ^ (ONES * u64::from(b'\\'));
+    let backslash = b.wrapping_sub(ONES) & !b;
+    (control | quote | backslash) & HIGH != 0
+}
+
+/// Appends `text` as a JSON string, escaped as serde_json escapes it (quote, backslash and
+/// control characters; everything else, UTF-8 included, as is). Runs without an escape are
+/// copied whole; eight bytes at a time are checked for one.
+fn push_json_str(out: &mut Vec<u8>, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = text.as_bytes();
+    out.push(b'"');
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(chunk) = bytes.get(i..i + 8) {
+            let chunk = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+            if !any_escape(chunk) {
+                i += 8;
+                continue;
+            }
+        }
+        let end = (i + 8).min(bytes.len());
+        for (j, &b) in bytes.iter().enumerate().take(end).skip(i) {
+            let escape = ESCAPE[b as usize];
+            if escape == 0 {
+                continue;
+            }
+            out.extend_from_slice(&bytes[start..j]);
+            match escape {
+                b'u' => out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ]),
+                e => out.extend_from_slice(&[b'\\', e]),
+            }
+            start = j + 1;
+        }
+        i = end;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// `key` is the field's `,"name":` prefix.
+fn push_opt_str(out: &mut Vec<u8>, key: &[u8], value: Option<&str>) {
+    out.extend_from_slice(key);
+    match value {
+        Some(v) => push_json_str(out, v),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+fn push_opt_u64(out: &mut Vec<u8>, key: &[u8], value: Option<u64>) {
+    out.extend_from_slice(key);
+    match value {
+        Some(v) => out.extend_from_slice(itoa_u64(v, &mut [0; 20])),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// `n` in decimal, in the end of `buf`.
+fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[at..]
+}
+
+impl RequestEvent<'_> {
+    /// Appends the event as one JSON line (newline included), stamped with the time now:
+    /// the same fields, order and escapes as serde_json gives for a struct of them.
+    pub fn write_line(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"ts\":\"");
+        out.extend_from_slice(&timestamp_bytes());
+        out.push(b'"');
+        push_opt_str(out, b",\"event\":", Some(self.event));
+        push_opt_str(out, b",\"request_id\":", Some(self.request_id));
+        push_opt_str(out, b",\"client\":", self.client);
+        push_opt_str(out, b",\"method\":", self.method);
+        push_opt_str(out, b",\"uri\":", self.uri);
+        push_opt_str(out, b",\"script\":", self.script);
+        push_opt_str(out, b",\"tenant\":", self.tenant);
+        out.extend_from_slice(b",\"policy\":");
+        match self.policy {
+            Some(PolicyFiles(files)) => {
+                out.push(b'[');
+                for (i, f) in files.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    match f.to_str() {
+                        Some(name) => push_json_str(out, name),
+                        None => push_json_str(out, &f.to_string_lossy()),
+                    }
+                }
+                out.push(b']');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        push_opt_u64(out, b",\"status\":", self.status.map(u64::from));
+        push_opt_str(out, b",\"outcome\":", Some(self.outcome));
+        push_opt_u64(out, b",\"duration_us\":", Some(self.duration_us));
+        push_opt_u64(out, b",\"instructions\":", self.instructions);
+        push_opt_u64(out, b",\"memory\":", self.memory);
+        push_opt_u64(out, b",\"bytes_in\":", self.bytes_in);
+        push_opt_u64(out, b",\"bytes_out\":", self.bytes_out);
+        push_opt_str(out, b",\"state\":", self.state);
+        push_opt_str(out, b",\"error\":", self.error);
+        out.extend_from_slice(b"}\n");
+    }
 }
 
 /// Where the writer writes.
@@ -358,6 +514,18 @@ impl AuditLog {
             return;
         }
         line.push(b'\n');
+        self.queue(line);
+    }
+
+    /// Queues one `request` event, as [`AuditLog::emit`] does.
+    pub fn emit_request(&self, event: &RequestEvent<'_>) {
+        let mut line = Vec::with_capacity(512);
+        event.write_line(&mut line);
+        self.queue(line);
+    }
+
+    /// Queues one whole line, newline included.
+    fn queue(&self, line: Vec<u8>) {
         let len = line.len();
         let c = &self.counters;
         let queued = c.queued_bytes.fetch_add(len, Ordering::Relaxed) + len <= AUDIT_QUEUE_BYTES;
@@ -582,6 +750,157 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut every_byte = String::new();
+        for c in (0u8..0x80).map(char::from) {
+            every_byte.push(c);
+        }
+        for text in [
+            "",
+            "plain /path/to/hello.lua?x=1&y=2",
+            "quote \" backslash \\ tab \t newline \n cr \r",
+            "\u{0}\u{1f}\u{7f}\u{8}\u{c}",
+            "ünïcödé ✓ 𝄞",
+            every_byte.as_str(),
+        ] {
+            let mut ours = Vec::new();
+            push_json_str(&mut ours, text);
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(text).unwrap(),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_escape_is_found_wherever_it_falls_in_a_chunk() {
+        for special in ['"', '\\', '\n', '\u{0}', '\u{1f}'] {
+            for at in 0..17 {
+                for len in [at + 1, at + 8, 24] {
+                    let text: String = (0..len)
+                        .map(|i| if i == at { special } else { 'é' })
+                        .collect();
+                    let mut ours = Vec::new();
+                    push_json_str(&mut ours, &text);
+                    assert_eq!(
+                        String::from_utf8(ours).unwrap(),
+                        serde_json::to_string(&text).unwrap()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_line_is_json_with_every_field_in_order() {
+        let files = [
+            PathBuf::from("policy.toml"),
+            PathBuf::from("site/\"odd\".toml"),
+        ];
+        let full = RequestEvent {
+            event: "request",
+            request_id: "0123456789abcdef",
+            client: Some("127.0.0.1"),
+            method: Some("GET"),
+            uri: Some("/a \"b\"\n"),
+            script: Some("site/hello.lua"),
+            tenant: Some("site"),
+            policy: Some(PolicyFiles(&files)),
+            status: Some(200),
+            outcome: "ok",
+            duration_us: 17,
+            instructions: Some(u64::MAX),
+            memory: Some(0),
+            bytes_in: Some(5),
+            bytes_out: Some(11),
+            state: Some("warm"),
+            error: Some("line 1: \u{1}"),
+        };
+        let empty = RequestEvent {
+            client: None,
+            method: None,
+            uri: None,
+            script: None,
+            tenant: None,
+            policy: None,
+            status: None,
+            instructions: None,
+            memory: None,
+            bytes_in: None,
+            bytes_out: None,
+            state: None,
+            error: None,
+            ..full
+        };
+        let keys = [
+            "ts",
+            "event",
+            "request_id",
+            "client",
+            "method",
+            "uri",
+            "script",
+            "tenant",
+            "policy",
+            "status",
+            "outcome",
+            "duration_us",
+            "instructions",
+            "memory",
+            "bytes_in",
+            "bytes_out",
+            "state",
+            "error",
+        ];
+        for ev in [&full, &empty] {
+            let mut line = Vec::new();
+            ev.write_line(&mut line);
+            assert_eq!(line.pop(), Some(b'\n'));
+            assert!(!line.contains(&b'\n'), "one line");
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            let text = String::from_utf8(line).unwrap();
+            let mut at = 0;
+            for key in keys {
+                let found = text[at..]
+                    .find(&format!("\"{key}\":"))
+                    .unwrap_or_else(|| panic!("{key} missing or out of order in {text}"));
+                at += found + 1;
+            }
+            assert_eq!(v.as_object().unwrap().len(), keys.len());
+            let ts = v["ts"].as_str().unwrap();
+            assert_eq!(ts.len(), 27, "{ts}");
+            assert!(ts.ends_with('Z'));
+        }
+        let mut line = Vec::new();
+        full.write_line(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["uri"], "/a \"b\"\n");
+        assert_eq!(
+            v["policy"],
+            serde_json::json!(["policy.toml", "site/\"odd\".toml"])
+        );
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["instructions"], u64::MAX);
+        assert_eq!(v["memory"], 0);
+        assert_eq!(v["error"], "line 1: \u{1}");
+        line.clear();
+        empty.write_line(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        for key in [
+            "client",
+            "policy",
+            "status",
+            "instructions",
+            "state",
+            "error",
+        ] {
+            assert!(v[key].is_null(), "{key}");
+        }
+        assert_eq!(v["duration_us"], 17);
+    }
 
     #[test]
     fn known_dates_format() {

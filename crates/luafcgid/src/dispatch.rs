@@ -27,7 +27,7 @@ use luafcgid_sandbox::{ClientProbe, Failure, Limits, RequestInput, ScriptState, 
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::admission::Full;
-use crate::audit::{timestamp, truncate, PolicyFiles, RequestEvent, AUDIT_TEXT_MAX};
+use crate::audit::{truncate, PolicyFiles, RequestEvent, AUDIT_TEXT_MAX};
 use crate::metrics::{Eviction, ShedReason};
 use crate::outcome::Outcome;
 use crate::probe::SocketProbe;
@@ -97,8 +97,14 @@ struct Audit<'a> {
 /// A param as log text: its first [`AUDIT_TEXT_MAX`] bytes, invalid UTF-8 replaced (a
 /// client cannot keep its URI out of the log by making it invalid UTF-8).
 fn param_text<'a>(p: &'a Params, name: &str) -> Option<std::borrow::Cow<'a, str>> {
-    p.get(name.as_bytes())
-        .map(|v| String::from_utf8_lossy(&v[..v.len().min(AUDIT_TEXT_MAX)]))
+    p.get(name.as_bytes()).map(|v| {
+        let v = &v[..v.len().min(AUDIT_TEXT_MAX)];
+        // Valid UTF-8 (nearly always) is checked by the faster test first.
+        match std::str::from_utf8(v) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(v),
+        }
+    })
 }
 
 fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
@@ -108,7 +114,6 @@ fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
     let method = param_text(&inc.params, "REQUEST_METHOD");
     let uri = param_text(&inc.params, "REQUEST_URI");
     let ev = RequestEvent {
-        ts: timestamp(),
         event: "request",
         request_id: a.request_id,
         client: Some(client.as_deref().map_or(&*inc.peer, truncate)),
@@ -131,7 +136,7 @@ fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
         state: a.state,
         error: a.error.map(truncate),
     };
-    shared.audit.emit(&ev);
+    shared.audit.emit_request(&ev);
 }
 
 fn frame(framing: Framing, cgi: &[u8], out: &mut Vec<u8>) {

@@ -35,7 +35,7 @@
 //! between daemons. The development HTTP listener checks after it has read the body (within
 //! the policy's `body` limit); `luafcgid run` checks its one request like any other.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -210,7 +210,7 @@ struct Kind<K: Hash + Eq + Clone> {
 impl<K: Hash + Eq + Clone> Kind<K> {
     fn new(max: usize) -> Kind<K> {
         Kind {
-            limiters: RwLock::new(HashMap::new()),
+            limiters: RwLock::new(HashMap::default()),
             held: std::sync::Arc::new(AtomicUsize::new(0)),
             max,
         }

@@ -7,7 +7,7 @@
 //! root). No process-wide `chdir` is ever done. Answers are cached for `sweep` so a warm
 //! request costs a map lookup, not a `realpath`; a changed or deleted file is seen within it.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -118,7 +118,7 @@ impl Resolver {
             roots,
             extensions: extensions.to_vec(),
             ttl,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::default()),
         })
     }
 
