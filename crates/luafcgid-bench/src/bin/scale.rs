@@ -11,7 +11,12 @@
 //! sequence. The sequence is drawn before the run from a Zipf distribution of exponent
 //! `--zipf` (1.0) over the scripts, with the scripts' popularity ranks shuffled so that the
 //! popular ones are spread over the tenants; `--seed` makes it the same sequence every run.
-//! First `--warmup` requests (100,000), then `--requests` measured ones (1,000,000).
+//! First `--warmup` requests (700,000), then `--requests` measured ones (1,000,000). The
+//! warm-up is that long because the pool ranks scripts by a popularity that halves every
+//! 60 s (the daemon's `server::POPULARITY_HALF_LIFE`): until about one half-life of
+//! requests has gone by, it is still learning which scripts to keep, the states of the
+//! popular ones are young and their heaps still growing, and RSS climbs with them. The
+//! report says when the warm-up was shorter than a half-life.
 //!
 //! Reported: the daemon's `VmRSS` when idle (before the first request), after the warm-up
 //! and after every tenth of the measured requests (`--samples`), with `VmHWM` (peak) beside
@@ -69,8 +74,9 @@ struct Args {
     /// Measured requests, after the warm-up.
     #[arg(long, default_value_t = 1_000_000)]
     requests: u64,
-    /// Requests before the measurement (not counted in req/s, latency or hit rate).
-    #[arg(long, default_value_t = 100_000)]
+    /// Requests before the measurement (not counted in req/s, latency or hit rate); best
+    /// at least one popularity half-life (60 s) of them.
+    #[arg(long, default_value_t = 700_000)]
     warmup: u64,
     /// Exponent of the Zipf distribution over the scripts (0: uniform).
     #[arg(long, default_value_t = 1.0)]
@@ -223,6 +229,9 @@ fn top_share(sequence: &[u32], scripts: usize, k: usize) -> f64 {
 }
 
 /// One reading of the daemon.
+/// The daemon's `server::POPULARITY_HALF_LIFE`, in seconds.
+const POPULARITY_HALF_LIFE_SECS: f64 = 60.0;
+
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     /// Requests completed when it was taken.
@@ -613,6 +622,19 @@ impl Report<'_> {
             args.states,
             100.0 * self.ideal,
             100.0 * self.expected_ideal
+        );
+        let warm_secs = after_warmup.at.saturating_sub(self.idle.at).as_secs_f64();
+        println!(
+            "warm-up: {} requests in {:.1} s{}",
+            after_warmup.done,
+            warm_secs,
+            if warm_secs < POPULARITY_HALF_LIFE_SECS {
+                format!(
+                    ", less than the pool's popularity half-life ({POPULARITY_HALF_LIFE_SECS:.0} s): it may still be learning which scripts to keep, and RSS still growing with their states (a longer `--warmup` gives the steady state)"
+                )
+            } else {
+                String::new()
+            }
         );
         let base = after_warmup.memory.rss as f64;
         let change = if base > 0.0 {
