@@ -7,6 +7,7 @@
 //! afterwards); states are dropped outside the lock (closing a Lua state takes time).
 
 use foldhash::HashMap;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -15,6 +16,44 @@ use tokio::sync::Semaphore;
 
 /// A script's identity: its real path (after symlinks).
 pub type ScriptKey = Arc<Path>;
+
+/// A script's key as the pool's map holds it: hashed and compared as the bytes of its path.
+/// The resolver hands out canonical paths, so one file has one spelling, and bytes cost far
+/// less than `Path`'s component-by-component hashing and comparison (three lookups per
+/// request, and the eviction scan compares every entry's key).
+#[derive(Debug, Clone)]
+struct MapKey(ScriptKey);
+
+impl MapKey {
+    fn bytes(&self) -> &[u8] {
+        path_bytes(&self.0)
+    }
+}
+
+fn path_bytes(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
+
+impl PartialEq for MapKey {
+    fn eq(&self, other: &MapKey) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for MapKey {}
+
+impl std::hash::Hash for MapKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        // As `[u8]` hashes, so that lookups by `&[u8]` (`Borrow`) find it.
+        self.bytes().hash(h);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for MapKey {
+    fn borrow(&self) -> &[u8] {
+        self.bytes()
+    }
+}
 
 /// What [`StatePool::admission`] says of a script.
 #[derive(Debug, Clone)]
@@ -172,7 +211,7 @@ impl<S> Entry<S> {
 }
 
 struct Inner<S> {
-    entries: HashMap<ScriptKey, Entry<S>>,
+    entries: HashMap<MapKey, Entry<S>>,
     total: usize,
     evicted: u64,
     /// Memory of the retained states, as last measured (at checkin).
@@ -253,7 +292,7 @@ impl<S: Pooled> StatePool<S> {
         let mut inner = self.lock();
         let entry = inner
             .entries
-            .entry(key.clone())
+            .entry(MapKey(key.clone()))
             .or_insert_with(|| Entry::new(clones, Instant::now()));
         if entry.clones != clones {
             entry.clones = clones;
@@ -270,7 +309,7 @@ impl<S: Pooled> StatePool<S> {
     /// entry does; a script with no entry (never admitted, or forgotten) is not marked.
     pub fn mark_slow(&self, key: &ScriptKey, window: Duration) {
         let until = Instant::now() + window;
-        if let Some(entry) = self.lock().entries.get_mut(key) {
+        if let Some(entry) = self.lock().entries.get_mut(path_bytes(key)) {
             entry.slow_until = Some(until);
         }
     }
@@ -293,7 +332,7 @@ impl<S: Pooled> StatePool<S> {
             let half_life = self.half_life;
             let entry = inner
                 .entries
-                .entry(key.clone())
+                .entry(MapKey(key.clone()))
                 .or_insert_with(|| Entry::new(1, now));
             entry.score = entry.popularity(now, half_life) + 1.0;
             entry.scored_at = now;
@@ -330,13 +369,16 @@ impl<S: Pooled> StatePool<S> {
                 let victim = inner
                     .entries
                     .iter()
-                    .filter(|(k, e)| !e.idle.is_empty() && *k != key)
-                    .map(|(k, e)| (k.clone(), e.popularity(now, half_life)))
+                    .filter(|(k, e)| !e.idle.is_empty() && k.bytes() != path_bytes(key))
+                    .map(|(k, e)| (k.0.clone(), e.popularity(now, half_life)))
                     .min_by(|a, b| a.1.total_cmp(&b.1))
                     .map(|(k, _)| k);
                 match victim {
                     Some(v) => {
-                        let e = inner.entries.get_mut(&v).expect("victim exists");
+                        let e = inner
+                            .entries
+                            .get_mut(path_bytes(&v))
+                            .expect("victim exists");
                         // The least recently used idle state sits at the bottom.
                         let idle = e.idle.remove(0);
                         inner.memory -= idle.memory;
@@ -351,7 +393,10 @@ impl<S: Pooled> StatePool<S> {
             if !transient {
                 inner.total += 1;
             }
-            let entry = inner.entries.get_mut(key).expect("entry exists");
+            let entry = inner
+                .entries
+                .get_mut(path_bytes(key))
+                .expect("entry exists");
             entry.leased += 1;
             (generation, transient, evicted)
         };
@@ -359,7 +404,7 @@ impl<S: Pooled> StatePool<S> {
         match build() {
             Ok(state) => {
                 let mut inner = self.lock();
-                if let Some(entry) = inner.entries.get_mut(key) {
+                if let Some(entry) = inner.entries.get_mut(path_bytes(key)) {
                     if entry.generation == generation && entry.files.is_empty() {
                         entry.files = state
                             .files()
@@ -384,7 +429,7 @@ impl<S: Pooled> StatePool<S> {
                 if !transient {
                     inner.total -= 1;
                 }
-                if let Some(entry) = inner.entries.get_mut(key) {
+                if let Some(entry) = inner.entries.get_mut(path_bytes(key)) {
                     entry.leased -= 1;
                 }
                 Err(e)
@@ -418,7 +463,7 @@ impl<S: Pooled> StatePool<S> {
             let inner = &mut *guard;
             let keep = retire == Retire::Keep && !worn && !lease.transient;
             inner.memory -= lease.memory;
-            match inner.entries.get_mut(&lease.key) {
+            match inner.entries.get_mut(path_bytes(&lease.key)) {
                 Some(entry) => {
                     entry.leased -= 1;
                     if keep && entry.generation == lease.generation {
@@ -442,13 +487,16 @@ impl<S: Pooled> StatePool<S> {
                     .entries
                     .iter()
                     .filter(|(_, e)| !e.idle.is_empty())
-                    .map(|(k, e)| (k.clone(), e.popularity(now, self.half_life)))
+                    .map(|(k, e)| (k.0.clone(), e.popularity(now, self.half_life)))
                     .min_by(|a, b| a.1.total_cmp(&b.1))
                     .map(|(k, _)| k)
                 else {
                     break;
                 };
-                let e = inner.entries.get_mut(&victim).expect("victim exists");
+                let e = inner
+                    .entries
+                    .get_mut(path_bytes(&victim))
+                    .expect("victim exists");
                 let idle = e.idle.remove(0);
                 inner.memory -= idle.memory;
                 inner.total -= 1;
@@ -466,7 +514,7 @@ impl<S: Pooled> StatePool<S> {
         let doomed = {
             let mut inner = self.lock();
             let mut doomed = Vec::new();
-            if let Some(entry) = inner.entries.get_mut(key) {
+            if let Some(entry) = inner.entries.get_mut(path_bytes(key)) {
                 let (count, memory) = entry.retire(&mut doomed);
                 inner.total -= count;
                 inner.memory -= memory;
@@ -487,7 +535,7 @@ impl<S: Pooled> StatePool<S> {
                 .entries
                 .iter()
                 .filter(|(_, e)| !e.files.is_empty())
-                .map(|(k, e)| (k.clone(), e.generation, e.files.clone()))
+                .map(|(k, e)| (k.0.clone(), e.generation, e.files.clone()))
                 .collect()
         };
         let stale: Vec<(ScriptKey, u64)> = checks
@@ -505,7 +553,7 @@ impl<S: Pooled> StatePool<S> {
             let mut guard = self.lock();
             let inner = &mut *guard;
             for (key, generation) in stale {
-                if let Some(entry) = inner.entries.get_mut(&key) {
+                if let Some(entry) = inner.entries.get_mut(path_bytes(&key)) {
                     if entry.generation == generation {
                         let (count, memory) = entry.retire(&mut doomed);
                         inner.total -= count;
@@ -550,7 +598,7 @@ impl<S: Pooled> StatePool<S> {
             inner
                 .entries
                 .iter()
-                .map(|(k, e)| (k.clone(), e.idle.len() + e.leased))
+                .map(|(k, e)| (k.0.clone(), e.idle.len() + e.leased))
                 .filter(|(_, n)| *n > 0)
                 .collect()
         };
@@ -561,7 +609,10 @@ impl<S: Pooled> StatePool<S> {
 
     /// Idle states of one script.
     pub fn idle_states(&self, key: &Path) -> usize {
-        self.lock().entries.get(key).map_or(0, |e| e.idle.len())
+        self.lock()
+            .entries
+            .get(path_bytes(key))
+            .map_or(0, |e| e.idle.len())
     }
 }
 
