@@ -370,9 +370,9 @@ impl<S: Pooled> StatePool<S> {
                     .entries
                     .iter()
                     .filter(|(k, e)| !e.idle.is_empty() && k.bytes() != path_bytes(key))
-                    .map(|(k, e)| (k.0.clone(), e.popularity(now, half_life)))
+                    .map(|(k, e)| (k, e.popularity(now, half_life)))
                     .min_by(|a, b| a.1.total_cmp(&b.1))
-                    .map(|(k, _)| k);
+                    .map(|(k, _)| k.0.clone());
                 match victim {
                     Some(v) => {
                         let e = inner
@@ -487,9 +487,9 @@ impl<S: Pooled> StatePool<S> {
                     .entries
                     .iter()
                     .filter(|(_, e)| !e.idle.is_empty())
-                    .map(|(k, e)| (k.0.clone(), e.popularity(now, self.half_life)))
+                    .map(|(k, e)| (k, e.popularity(now, self.half_life)))
                     .min_by(|a, b| a.1.total_cmp(&b.1))
-                    .map(|(k, _)| k)
+                    .map(|(k, _)| k.0.clone())
                 else {
                     break;
                 };
