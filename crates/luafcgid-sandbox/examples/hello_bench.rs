@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use luafcgid_sandbox::{Limits, RequestInput, ScriptState, StateOptions};
+use luafcgid_sandbox::{Limits, OwnedRequest, RequestInput, ScriptState, StateOptions};
 
 fn bench(name: &str, src: &str, iterations: u32) {
     let dir = std::env::temp_dir().join(format!("luafcgid-bench-{}", std::process::id()));
@@ -36,20 +36,19 @@ fn bench(name: &str, src: &str, iterations: u32) {
     }
     let load_time = start.elapsed() / loads;
     let mut state = ScriptState::load(&opts, &abort).unwrap();
-    let params: Vec<(&[u8], &[u8])> = vec![
-        (b"SCRIPT_FILENAME", b"/srv/www/bench.lua"),
-        (b"QUERY_STRING", b"a=1&b=2"),
-        (b"REQUEST_METHOD", b"GET"),
-        (b"REMOTE_ADDR", b"127.0.0.1"),
-    ];
-    let vars = Vec::new();
-    let input = RequestInput {
-        params: &params,
-        body: b"",
-        vars: &vars,
-        abort: &abort,
-        client: None,
-    };
+    let params: Vec<(Vec<u8>, Vec<u8>)> = [
+        ("SCRIPT_FILENAME", "/srv/www/bench.lua"),
+        ("QUERY_STRING", "a=1&b=2"),
+        ("REQUEST_METHOD", "GET"),
+        ("REMOTE_ADDR", "127.0.0.1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+    .collect();
+    let input = RequestInput::new(OwnedRequest {
+        params,
+        ..OwnedRequest::default()
+    });
     for _ in 0..1000 {
         state.handle(&input, &limits).result.unwrap();
     }

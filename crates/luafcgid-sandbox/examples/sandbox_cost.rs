@@ -8,7 +8,7 @@
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use luafcgid_sandbox::{Limits, RequestInput, ScriptState, StateOptions};
+use luafcgid_sandbox::{Limits, OwnedRequest, RequestInput, ScriptState, StateOptions};
 
 include!("support/workloads.rs");
 
@@ -67,14 +67,7 @@ fn main() {
         };
         let abort = AtomicBool::new(false);
         let mut state = ScriptState::load(&opts, &abort).unwrap();
-        let params: Vec<(&[u8], &[u8])> = Vec::new();
-        let input = RequestInput {
-            params: &params,
-            body: b"",
-            vars: &[],
-            abort: &abort,
-            client: None,
-        };
+        let input = RequestInput::new(OwnedRequest::default());
         let body = state.handle(&input, &limits).result.unwrap().body;
         assert_eq!(
             String::from_utf8_lossy(&body),

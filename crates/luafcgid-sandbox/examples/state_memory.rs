@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use luafcgid_sandbox::{Limits, RequestInput, ScriptState, StateOptions};
+use luafcgid_sandbox::{Limits, OwnedRequest, RequestInput, ScriptState, StateOptions};
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("luafcgid-mem-{}", std::process::id()));
@@ -35,14 +35,7 @@ fn main() {
     let abort = AtomicBool::new(false);
     let mut state = ScriptState::load(&opts, &abort).unwrap();
     let after_load = state.used_memory();
-    let params: Vec<(&[u8], &[u8])> = Vec::new();
-    let input = RequestInput {
-        params: &params,
-        body: b"",
-        vars: &[],
-        abort: &abort,
-        client: None,
-    };
+    let input = RequestInput::new(OwnedRequest::default());
     let mut peak = 0;
     for _ in 0..100 {
         peak = state.handle(&input, &limits).memory;

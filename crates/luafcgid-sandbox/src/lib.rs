@@ -35,6 +35,7 @@ mod vm;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use env::{default_libs, DEFAULT_LIBS, LIB_TABLES, OS_FUNCTIONS};
@@ -118,20 +119,90 @@ impl std::fmt::Debug for dyn ClientProbe + '_ {
     }
 }
 
-/// One request as the script sees it. Everything is fully assembled before Lua runs.
-#[derive(Debug)]
-pub struct RequestInput<'a> {
-    /// Every FastCGI param, in order (`r.env`, the `env` of `main(env, con)`).
-    pub params: &'a [(&'a [u8], &'a [u8])],
+impl std::fmt::Debug for dyn ClientProbe + Send + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientProbe")
+    }
+}
+
+/// What a request brings to its run: its params, body and `[vars]`, held by the front end
+/// and shared with the state for the run (never copied). Everything is fully assembled
+/// before Lua runs.
+pub trait RequestData: Send + Sync {
+    /// Every param, in order, duplicates included (`r.env`, the `env` of `main(env, con)`).
+    fn params(&self) -> Box<dyn Iterator<Item = (&[u8], &[u8])> + '_>;
+    /// How many params [`RequestData::params`] gives.
+    fn param_count(&self) -> usize;
     /// The request body (`r:gets()`, `r:body()`).
-    pub body: &'a [u8],
-    /// The policy's `[vars]` (`r:config(name)`).
-    pub vars: &'a [(String, String)],
+    fn body(&self) -> &[u8];
+    /// The policy's `[vars]` value named `name` (`r:config(name)`).
+    fn var(&self, name: &[u8]) -> Option<&str>;
+}
+
+impl std::fmt::Debug for dyn RequestData + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestData")
+            .field("params", &self.param_count())
+            .field("body", &self.body().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// [`RequestData`] held in plain vectors.
+#[derive(Debug, Clone, Default)]
+pub struct OwnedRequest {
+    pub params: Vec<(Vec<u8>, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub vars: Vec<(String, String)>,
+}
+
+impl RequestData for OwnedRequest {
+    fn params(&self) -> Box<dyn Iterator<Item = (&[u8], &[u8])> + '_> {
+        Box::new(
+            self.params
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice())),
+        )
+    }
+
+    fn param_count(&self) -> usize {
+        self.params.len()
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    fn var(&self, name: &[u8]) -> Option<&str> {
+        self.vars
+            .iter()
+            .find(|(k, _)| k.as_bytes() == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One request as the script sees it, shared with the state for the length of its run.
+/// The state holds no part of it once the run is over.
+#[derive(Debug, Clone)]
+pub struct RequestInput {
+    /// Params, body and `[vars]`.
+    pub data: Arc<dyn RequestData>,
     /// Set by the front end when the client went away: Lua stops at its next hook (within
     /// about a millisecond of running Lua code) and the request ends as [`Failure::Aborted`].
-    pub abort: &'a AtomicBool,
+    pub abort: Arc<AtomicBool>,
     /// Asked along with `abort`; when it answers true, `abort` is set and Lua stops.
-    pub client: Option<&'a dyn ClientProbe>,
+    pub client: Option<Arc<dyn ClientProbe + Send>>,
+}
+
+impl RequestInput {
+    /// A request of `data`, not aborted, with no client to ask.
+    pub fn new(data: impl RequestData + 'static) -> RequestInput {
+        RequestInput {
+            data: Arc::new(data),
+            abort: Arc::new(AtomicBool::new(false)),
+            client: None,
+        }
+    }
 }
 
 /// What a request (or a load) cost and how it ended.

@@ -90,8 +90,9 @@ impl std::fmt::Display for Stop {
 
 impl std::error::Error for Stop {}
 
-/// Request-scoped function the hook calls to read the abort flag. Stored as app data of the
-/// state while a run is armed, `None` otherwise.
+/// The function the hook calls to read the abort flag during a script's first run (a request
+/// is asked directly, see `probe_abort`). Stored as app data of the state while that run
+/// is armed, `None` otherwise.
 #[derive(Default)]
 pub(crate) struct AbortProbe(pub(crate) Option<Function>);
 
@@ -355,19 +356,33 @@ fn is_long(elapsed_ns: u64, instructions: u64) -> bool {
     elapsed_ns > LONG_RUN.as_nanos() as u64 && instructions >= LONG_RUN_INSTRUCTIONS
 }
 
-/// Asks the request-scoped probe whether the abort flag is set (in a `long` run, after the
-/// pause the client probe asks for, if any).
+/// Whether the run should stop because its client went away (in a `long` run, after the
+/// pause the client probe asks for, if any): for a request, asked of the request itself;
+/// for a script's first run, of the probe function that run installed.
 fn probe_abort(lua: &Lua, long: bool) -> mlua::Result<bool> {
+    let op = if long {
+        crate::request::OP_PAUSE_ABORT
+    } else {
+        crate::request::OP_ABORT
+    };
+    // The context is only ever borrowed briefly; a borrow in progress (the hook firing
+    // inside a helper that holds it) skips this probe, the next one asks.
+    let request = match lua.try_app_data_ref::<crate::request::Ctx>() {
+        Ok(Some(ctx)) => ctx.request.clone(),
+        _ => return Ok(false),
+    };
+    if let Some(request) = request {
+        return Ok(matches!(
+            crate::request::input(lua, &request, op, None)?,
+            mlua::Value::Boolean(true)
+        ));
+    }
     let probe = match lua.try_app_data_ref::<AbortProbe>() {
         Ok(Some(probe)) => probe.0.clone(),
         _ => None,
     };
     match probe {
-        Some(probe) => probe.call::<bool>(if long {
-            crate::request::OP_PAUSE_ABORT
-        } else {
-            crate::request::OP_ABORT
-        }),
+        Some(probe) => probe.call::<bool>(op),
         None => Ok(false),
     }
 }

@@ -15,9 +15,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mlua::{
-    Error, Function, Lua, Table, UserData, UserDataFields, UserDataMethods, Value, Variadic,
-};
+use mlua::{Error, Lua, Table, UserData, UserDataFields, UserDataMethods, Value, Variadic};
 
 use crate::limits::{Budget, Stop};
 use crate::{
@@ -54,8 +52,8 @@ pub(crate) struct Ctx {
     header_bytes: usize,
     /// Output limit of the current run; 0 = none.
     pub(crate) output_limit: usize,
-    /// The request-scoped input function (see [`input`]).
-    pub(crate) input: Option<Function>,
+    /// The running request (see [`input`]); `None` between requests and in the init run.
+    pub(crate) request: Option<RequestInput>,
     /// `r.env` once built.
     pub(crate) env: Option<Table>,
     /// Module files loaded since the owner last collected them.
@@ -72,7 +70,7 @@ impl Ctx {
             logs_dropped: 0,
             header_bytes: 0,
             output_limit: 0,
-            input: None,
+            request: None,
             env: None,
             new_files: Vec::new(),
         }
@@ -94,7 +92,7 @@ impl Ctx {
     /// Ends a run, handing out its response and dropping request-scoped values.
     pub(crate) fn finish(&mut self) -> Response {
         self.active = false;
-        self.input = None;
+        self.request = None;
         self.env = None;
         std::mem::take(&mut self.response)
     }
@@ -193,42 +191,41 @@ pub(crate) fn with_ctx<R>(
     f(&mut ctx)
 }
 
-/// Serves the request-scoped input function: `op` is one of the `OP_*` constants.
+/// Reads the running request `req`: `op` is one of the `OP_*` constants.
 pub(crate) fn input(
     lua: &Lua,
-    req: &RequestInput<'_>,
+    req: &RequestInput,
     op: u8,
     name: Option<mlua::LuaString>,
 ) -> mlua::Result<Value> {
     match op {
         OP_ABORT | OP_PAUSE_ABORT => {
             if op == OP_PAUSE_ABORT {
-                let pause = req.client.map_or(Duration::ZERO, |c| c.pause());
+                let pause = req.client.as_ref().map_or(Duration::ZERO, |c| c.pause());
                 if !pause.is_zero() {
                     std::thread::sleep(pause.min(MAX_PAUSE));
                 }
             }
-            let gone = req.abort.load(Relaxed) || req.client.is_some_and(|c| c.gone());
+            let gone = req.abort.load(Relaxed) || req.client.as_ref().is_some_and(|c| c.gone());
             if gone {
                 req.abort.store(true, Relaxed);
             }
             Ok(Value::Boolean(gone))
         }
-        OP_BODY if req.body.is_empty() => Ok(Value::Nil),
-        OP_BODY => Ok(Value::String(lua.create_string(req.body)?)),
+        OP_BODY if req.data.body().is_empty() => Ok(Value::Nil),
+        OP_BODY => Ok(Value::String(lua.create_string(req.data.body())?)),
         OP_CONFIG => {
             let Some(name) = name else {
                 return Ok(Value::Nil);
             };
-            let name = name.as_bytes();
-            match req.vars.iter().find(|(k, _)| k.as_bytes() == &*name) {
-                Some((_, v)) => Ok(Value::String(lua.create_string(v)?)),
+            match req.data.var(&name.as_bytes()) {
+                Some(v) => Ok(Value::String(lua.create_string(v)?)),
                 None => Ok(Value::Nil),
             }
         }
         OP_ENV => {
-            let env = lua.create_table_with_capacity(0, req.params.len() + 1)?;
-            for (k, v) in req.params {
+            let env = lua.create_table_with_capacity(0, req.data.param_count() + 1)?;
+            for (k, v) in req.data.params() {
                 env.raw_set(lua.create_string(k)?, lua.create_string(v)?)?;
             }
             env.raw_set("LUAFCGID_VERSION", 1)?;
@@ -244,15 +241,15 @@ pub(crate) struct RequestObject;
 
 pub(crate) static REQUEST_OBJECT: RequestObject = RequestObject;
 
-/// Calls the input function of the running request.
+/// Reads the running request ([`input`]); an error between requests.
 fn read_input(lua: &Lua, op: u8, name: Option<mlua::LuaString>) -> mlua::Result<Value> {
-    let input = with_ctx(lua, |ctx| {
+    let request = with_ctx(lua, |ctx| {
         ctx.budget.check()?;
-        ctx.input
+        ctx.request
             .clone()
             .ok_or_else(|| Error::runtime("the request has ended"))
     })?;
-    input.call::<Value>((op, name))
+    input(lua, &request, op, name)
 }
 
 /// `r.env` (and the `env` of `main(env, con)`): built on first use, then kept for the request.

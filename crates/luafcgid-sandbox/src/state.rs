@@ -18,7 +18,7 @@ use mlua::{Error, Function, Lua, Table, Value};
 use crate::env::new_state;
 use crate::limits::{install_hook, is_memory_error, AbortProbe, Budget, Stop};
 use crate::modules::{install_require, source_text, ModuleSpace};
-use crate::request::{input, request_env, with_ctx, Ctx, REQUEST_OBJECT};
+use crate::request::{request_env, with_ctx, Ctx, REQUEST_OBJECT};
 use crate::{Failure, LimitKind, Limits, Report, RequestInput, Response, StateOptions};
 
 /// How the entry function is called.
@@ -189,7 +189,7 @@ impl ScriptState {
     /// Serves one request under `limits`: calls the entry function with a fresh request
     /// object and collects the response. A [`Report`] is always returned; a limit or an abort
     /// also means the state should not be used again (see [`Failure::keeps_state`]).
-    pub fn handle(&mut self, req: &RequestInput<'_>, limits: &Limits) -> Report {
+    pub fn handle(&mut self, req: &RequestInput, limits: &Limits) -> Report {
         self.requests += 1;
         if req.abort.load(Relaxed) {
             return Report {
@@ -203,23 +203,20 @@ impl ScriptState {
         }
         let lua = &self.lua;
         self.budget.arm(limits, lua.used_memory());
-        self.begin(limits.output, true);
+        let _ = with_ctx(lua, |ctx| {
+            ctx.begin(limits.output, true);
+            ctx.request = Some(req.clone());
+            Ok(())
+        });
         let (globals, key, form, name) = (
             &self.globals,
             &self.entry_key,
             self.entry_form,
             &self.entry_name,
         );
+        // The request object lives in a scope, so that one a script keeps is dead after its
+        // request (the request itself is in the context, cleared by `end`).
         let result = lua.scope(|scope| {
-            let input =
-                scope.create_function(move |lua, (op, name): (u8, Option<mlua::LuaString>)| {
-                    input(lua, req, op, name)
-                })?;
-            set_probe(lua, Some(input.clone()));
-            with_ctx(lua, |ctx| {
-                ctx.input = Some(input);
-                Ok(())
-            })?;
             let r = scope.create_userdata_ref(&REQUEST_OBJECT)?;
             let entry = match globals.raw_get::<Value>(key)? {
                 Value::Function(f) => f,

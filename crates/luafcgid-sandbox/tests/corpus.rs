@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use luafcgid_sandbox::{Failure, Limits, RequestInput, ScriptState, StateOptions};
+use luafcgid_sandbox::{Failure, Limits, OwnedRequest, RequestInput, ScriptState, StateOptions};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -77,13 +77,13 @@ fn run(script: &Path, root: &Path) -> (String, String) {
             (b"REQUEST_URI", b"/corpus?x=1"),
             (b"QUERY_STRING", b"x=1"),
         ];
-        let input = RequestInput {
-            params: &params,
-            body: b"",
-            vars: &[],
-            abort: &abort,
-            client: None,
-        };
+        let input = RequestInput::new(OwnedRequest {
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
+            ..OwnedRequest::default()
+        });
         state.handle(&input, &limits()).result
     });
     match result {

@@ -186,9 +186,11 @@ where
                             };
                             // Run at once on this thread only when the connection has
                             // nothing else pending, so no other request waits behind it.
-                            let probe = SocketProbe::new(stream.as_raw_fd(), Some(id));
                             let alone = in_flight.len() == 1 && start == inbuf.len();
-                            let inline = alone.then_some(&probe as &dyn ClientProbe);
+                            let inline = alone.then(|| {
+                                Arc::new(SocketProbe::new(stream.as_raw_fd(), Some(id)))
+                                    as Arc<dyn ClientProbe + Send>
+                            });
                             if let Some(reply) = dispatch(&shared, inc, answer, &tx, inline) {
                                 if !queue_reply(reply, &mut in_flight, &mut decoder, &mut out) {
                                     closing = true;

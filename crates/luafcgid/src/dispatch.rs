@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use fastcgi_protocol::{encode_end_request, encode_response, Params, ProtocolStatus};
 use luafcgid_policy::{Effective, Resolution};
 use luafcgid_pool::{Retire, Version};
-use luafcgid_sandbox::{ClientProbe, Failure, Limits, RequestInput, ScriptState, StateOptions};
+use luafcgid_sandbox::{
+    ClientProbe, Failure, Limits, RequestData, RequestInput, ScriptState, StateOptions,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::admission::Full;
@@ -107,12 +109,14 @@ fn param_text<'a>(p: &'a Params, name: &str) -> Option<std::borrow::Cow<'a, str>
     })
 }
 
-fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
+/// Records the request's audit line and metrics; `params` are the request's (moved out of
+/// `inc` for a run).
+fn emit(shared: &Shared, inc: &Incoming, params: &Params, a: Audit<'_>) {
     let elapsed = inc.received.elapsed();
     shared.metrics.request(a.outcome, a.status, elapsed);
-    let client = param_text(&inc.params, &shared.config.client_key);
-    let method = param_text(&inc.params, "REQUEST_METHOD");
-    let uri = param_text(&inc.params, "REQUEST_URI");
+    let client = param_text(params, &shared.config.client_key);
+    let method = param_text(params, "REQUEST_METHOD");
+    let uri = param_text(params, "REQUEST_URI");
     let ev = RequestEvent {
         event: "request",
         request_id: a.request_id,
@@ -176,6 +180,7 @@ pub fn answer_early(
     emit(
         shared,
         inc,
+        &inc.params,
         Audit {
             request_id: &request_id,
             script,
@@ -215,14 +220,14 @@ pub const APART_PAUSE: Duration = Duration::from_millis(2);
 /// already gives up its priority (`SCHED_IDLE`), but a CPU kept busy by it still looks busy
 /// to the kernel when it places woken threads: they then queue behind one another on the
 /// other CPUs instead of taking this one. The pauses let them take it.
-struct Apart<'a> {
-    ids: &'a RequestIds,
+struct Apart {
+    ids: Arc<RequestIds>,
     /// Requests issued when it last looked (`u64::MAX`: it has not looked yet).
     seen: AtomicU64,
 }
 
-impl<'a> Apart<'a> {
-    fn new(ids: &'a RequestIds) -> Apart<'a> {
+impl Apart {
+    fn new(ids: Arc<RequestIds>) -> Apart {
         Apart {
             ids,
             seen: AtomicU64::new(u64::MAX),
@@ -230,7 +235,7 @@ impl<'a> Apart<'a> {
     }
 }
 
-impl ClientProbe for Apart<'_> {
+impl ClientProbe for Apart {
     fn gone(&self) -> bool {
         false
     }
@@ -256,7 +261,7 @@ pub fn dispatch(
     mut inc: Incoming,
     resolved: Result<Arc<Script>, Refusal>,
     tx: &ReplyTx,
-    inline: Option<&dyn ClientProbe>,
+    inline: Option<Arc<dyn ClientProbe + Send>>,
 ) -> Option<Reply> {
     let script = match resolved {
         Ok(s) => s,
@@ -358,7 +363,7 @@ pub fn dispatch(
         if let Ok(own) = tenant.clone().try_acquire_owned() {
             if let Ok(clone) = clones.clone().try_acquire_owned() {
                 if let Ok(slot) = shared.lua_slots.clone().try_acquire_owned() {
-                    let reply = run(shared, &inc, &script, &effective, Some(probe));
+                    let reply = run(shared, &mut inc, &script, &effective, Some(probe));
                     drop((slot, clone, own));
                     return Some(reply);
                 }
@@ -404,8 +409,9 @@ pub fn dispatch(
                 shared.metrics.ran_apart();
                 let apart = shared.clone();
                 let reply = tokio::task::spawn_blocking(move || {
-                    let probe = Apart::new(&apart.ids);
-                    let reply = run(&apart, &inc, &script, &effective, Some(&probe));
+                    let mut inc = inc;
+                    let probe = Arc::new(Apart::new(apart.ids.clone()));
+                    let reply = run(&apart, &mut inc, &script, &effective, Some(probe));
                     drop(permits);
                     reply
                 })
@@ -417,8 +423,9 @@ pub fn dispatch(
                 }
             }
             Ok(Some(permits)) => {
-                let probe = SocketProbe::runtime_only();
-                let reply = run(&shared, &inc, &script, &effective, Some(&probe));
+                let mut inc = inc;
+                let probe = Arc::new(SocketProbe::runtime_only());
+                let reply = run(&shared, &mut inc, &script, &effective, Some(probe));
                 drop(permits);
                 reply
             }
@@ -482,12 +489,44 @@ fn log_script_messages(
     }
 }
 
+/// What the sandbox reads of a request during its run: its params and body, moved out of
+/// the request for the run (the params come back for the audit line), and its policy's
+/// `[vars]`.
+struct RunData {
+    params: Params,
+    body: Vec<u8>,
+    effective: Arc<Effective>,
+}
+
+impl RequestData for RunData {
+    fn params(&self) -> Box<dyn Iterator<Item = (&[u8], &[u8])> + '_> {
+        Box::new(self.params.iter())
+    }
+
+    fn param_count(&self) -> usize {
+        self.params.len()
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    fn var(&self, name: &[u8]) -> Option<&str> {
+        self.effective
+            .policy
+            .vars
+            .iter()
+            .find(|(k, _)| k.as_bytes() == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 fn run(
     shared: &Shared,
-    inc: &Incoming,
+    inc: &mut Incoming,
     script: &Script,
-    effective: &Effective,
-    client: Option<&dyn ClientProbe>,
+    effective: &Arc<Effective>,
+    client: Option<Arc<dyn ClientProbe + Send>>,
 ) -> Reply {
     let policy = &effective.policy;
     let request_id = shared.ids.next_id();
@@ -522,15 +561,23 @@ fn run(
                     );
                 }
                 state_kind = Some(if lease.fresh { "new" } else { "warm" });
-                let params: Vec<(&[u8], &[u8])> = inc.params.iter().collect();
+                let data = Arc::new(RunData {
+                    params: std::mem::take(&mut inc.params),
+                    body: std::mem::take(&mut inc.body),
+                    effective: effective.clone(),
+                });
                 let input = RequestInput {
-                    params: &params,
-                    body: &inc.body,
-                    vars: &policy.vars,
-                    abort: &inc.abort,
+                    data: data.clone(),
+                    abort: inc.abort.clone(),
                     client,
                 };
                 let mut report = lease.state().handle(&input, &limits);
+                drop(input);
+                // The state let go of the request at the end of the run.
+                inc.params = match Arc::try_unwrap(data) {
+                    Ok(data) => data.params,
+                    Err(data) => data.params.clone(),
+                };
                 if report.long {
                     shared.pool.mark_slow(&script.key, SLOW_WINDOW);
                 }
@@ -592,6 +639,7 @@ fn run(
     emit(
         shared,
         inc,
+        &inc.params,
         Audit {
             request_id: &request_id,
             script: Some(script),
@@ -627,8 +675,8 @@ mod tests {
 
     #[test]
     fn a_run_apart_pauses_only_when_requests_came_in_since_it_last_looked() {
-        let ids = RequestIds::default();
-        let probe = Apart::new(&ids);
+        let ids = Arc::new(RequestIds::default());
+        let probe = Apart::new(ids.clone());
         assert_eq!(probe.pause(), Duration::ZERO, "the first look only counts");
         assert_eq!(probe.pause(), Duration::ZERO, "nothing came in");
         ids.next_id();

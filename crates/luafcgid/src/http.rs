@@ -197,8 +197,9 @@ async fn serve(
             rate: crate::ratelimit::Verdict::Unchecked,
             policy: None,
         };
-        let probe = SocketProbe::new(stream.as_raw_fd(), None);
-        let inline = buf.is_empty().then_some(&probe as &dyn ClientProbe);
+        let inline = buf.is_empty().then(|| {
+            Arc::new(SocketProbe::new(stream.as_raw_fd(), None)) as Arc<dyn ClientProbe + Send>
+        });
         let reply = if let Some(reply) = dispatch(&shared, inc, script, &tx, inline) {
             Some(reply)
         } else {

@@ -81,7 +81,7 @@ pub fn run_one(config: Config, req: &OneRequest) -> Result<OneReply, ServeError>
         .build()?;
     let reply = runtime.block_on(async {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        match dispatch(&shared, inc, resolved, &tx, Some(&Present)) {
+        match dispatch(&shared, inc, resolved, &tx, Some(Arc::new(Present))) {
             Some(reply) => Some(reply),
             None => rx.recv().await,
         }

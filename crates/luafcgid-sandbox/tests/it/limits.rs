@@ -219,14 +219,11 @@ impl luafcgid_sandbox::ClientProbe for GoneAfter {
 fn client_probe_stops_a_running_request() {
     let mut s = load("function handler() while true do end end");
     let req = Req::default();
-    let probe = GoneAfter(std::sync::atomic::AtomicU32::new(5));
-    let params: Vec<(&[u8], &[u8])> = Vec::new();
+    let probe = std::sync::Arc::new(GoneAfter(std::sync::atomic::AtomicU32::new(5)));
     let input = luafcgid_sandbox::RequestInput {
-        params: &params,
-        body: b"",
-        vars: &[],
-        abort: &req.abort,
-        client: Some(&probe),
+        data: std::sync::Arc::new(luafcgid_sandbox::OwnedRequest::default()),
+        abort: req.abort.clone(),
+        client: Some(probe),
     };
     let limits = time_only(Duration::from_secs(10));
     let start = Instant::now();
@@ -420,24 +417,24 @@ impl luafcgid_sandbox::ClientProbe for Pausing {
     }
 }
 
-fn run_with(s: &mut ScriptState, probe: &Pausing, limits: &Limits) -> luafcgid_sandbox::Report {
-    let abort = AtomicBool::new(false);
+fn run_with(
+    s: &mut ScriptState,
+    probe: &std::sync::Arc<Pausing>,
+    limits: &Limits,
+) -> luafcgid_sandbox::Report {
     let input = luafcgid_sandbox::RequestInput {
-        params: &[],
-        body: b"",
-        vars: &[],
-        abort: &abort,
-        client: Some(probe),
+        client: Some(probe.clone()),
+        ..luafcgid_sandbox::RequestInput::new(luafcgid_sandbox::OwnedRequest::default())
     };
     s.handle(&input, limits)
 }
 
 #[test]
 fn only_long_runs_are_asked_to_pause_and_a_pause_counts_against_the_time_limit() {
-    let probe = Pausing {
+    let probe = std::sync::Arc::new(Pausing {
         asked: Default::default(),
         pause: Duration::ZERO,
-    };
+    });
     let mut busy = load("function handler() local t = os.clock() while os.clock() - t < 0.05 do end return 'done' end");
     let report = run_with(&mut busy.state, &probe, &time_only(Duration::from_secs(5)));
     assert_eq!(body(report), "done");
@@ -458,10 +455,10 @@ fn only_long_runs_are_asked_to_pause_and_a_pause_counts_against_the_time_limit()
     assert_eq!(probe.asked.load(Ordering::Relaxed), asked);
     // Pauses are wall-clock time of the run: a run that pauses 10 ms (the most) at every
     // probe ends by its time limit with little work done.
-    let sleepy = Pausing {
+    let sleepy = std::sync::Arc::new(Pausing {
         asked: Default::default(),
         pause: Duration::from_secs(1),
-    };
+    });
     let mut forever = load("function handler() while true do end end");
     let start = Instant::now();
     let report = run_with(

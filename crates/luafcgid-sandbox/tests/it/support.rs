@@ -2,10 +2,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use luafcgid_sandbox::{
-    Failure, LimitKind, Limits, Report, RequestInput, Response, ScriptState, StateOptions,
+    Failure, LimitKind, Limits, OwnedRequest, Report, RequestInput, Response, ScriptState,
+    StateOptions,
 };
 
 /// A directory under the system temp dir, removed on drop.
@@ -93,7 +95,7 @@ pub struct Req {
     pub params: Vec<(Vec<u8>, Vec<u8>)>,
     pub body: Vec<u8>,
     pub vars: Vec<(String, String)>,
-    pub abort: AtomicBool,
+    pub abort: Arc<AtomicBool>,
 }
 
 impl Req {
@@ -110,16 +112,13 @@ impl Req {
         self
     }
     pub fn run(&self, state: &mut ScriptState, limits: &Limits) -> Report {
-        let params: Vec<(&[u8], &[u8])> = self
-            .params
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
         let input = RequestInput {
-            params: &params,
-            body: &self.body,
-            vars: &self.vars,
-            abort: &self.abort,
+            data: Arc::new(OwnedRequest {
+                params: self.params.clone(),
+                body: self.body.clone(),
+                vars: self.vars.clone(),
+            }),
+            abort: self.abort.clone(),
             client: None,
         };
         state.handle(&input, limits)
