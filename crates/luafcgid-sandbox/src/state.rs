@@ -2,8 +2,9 @@
 //! knows, the init run of the chunk and a request.
 //!
 //! Every run follows the same steps: arm the [`Budget`] with the run's limits, start the
-//! response in [`Ctx`], run Lua inside `Lua::scope` (so the request object and the input
-//! function die with the run), then classify the result: a stop recorded in the budget wins
+//! response in [`Ctx`] (which holds the running request, if any, until the run ends), run
+//! Lua inside `Lua::scope` (so the request object, or the init run's abort probe, dies with
+//! the run), then classify the result: a stop recorded in the budget wins
 //! over whatever error Lua reported, then Lua's out-of-memory error, then everything else is
 //! the script's error.
 
