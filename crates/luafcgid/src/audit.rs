@@ -273,23 +273,9 @@ fn push_opt_str(out: &mut Vec<u8>, key: &[u8], value: Option<&str>) {
 fn push_opt_u64(out: &mut Vec<u8>, key: &[u8], value: Option<u64>) {
     out.extend_from_slice(key);
     match value {
-        Some(v) => out.extend_from_slice(itoa_u64(v, &mut [0; 20])),
+        Some(v) => crate::render::push_number(out, v),
         None => out.extend_from_slice(b"null"),
     }
-}
-
-/// `n` in decimal, in the end of `buf`.
-fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[at..]
 }
 
 impl RequestEvent<'_> {

@@ -28,7 +28,7 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
 }
 
 /// Appends `n` in decimal.
-fn push_number(out: &mut Vec<u8>, n: usize) {
+pub(crate) fn push_number(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut n = n;
@@ -45,7 +45,7 @@ fn push_number(out: &mut Vec<u8>, n: usize) {
 
 fn push_status(out: &mut Vec<u8>, code: u16) {
     out.extend_from_slice(b"Status: ");
-    push_number(out, usize::from(code));
+    push_number(out, u64::from(code));
     out.push(b' ');
     out.extend_from_slice(reason(code).as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -67,7 +67,7 @@ pub fn render(resp: &Response, d: &Defaults, request_id: &str, head: bool, out: 
     }
     push_header(out, "X-Request-Id", request_id);
     out.extend_from_slice(b"Content-Length: ");
-    push_number(out, resp.body.len());
+    push_number(out, resp.body.len() as u64);
     out.extend_from_slice(b"\r\n\r\n");
     if !head {
         out.extend_from_slice(&resp.body);
