@@ -219,46 +219,59 @@ fn any_escape(chunk: u64) -> bool {
 }
 
 /// Appends `text` as a JSON string, escaped as serde_json escapes it (quote, backslash and
-/// control characters; everything else, UTF-8 included, as is). Runs without an escape are
-/// copied whole; eight bytes at a time are checked for one.
+/// control characters; everything else, UTF-8 included, as is). Eight bytes at a time are
+/// checked for a byte to escape (the last few padded with spaces); text without one, nearly
+/// all of it, is copied whole.
 fn push_json_str(out: &mut Vec<u8>, text: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = text.as_bytes();
     out.push(b'"');
+    let mut clean = true;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let word = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+        if any_escape(word) {
+            clean = false;
+            break;
+        }
+    }
+    if clean {
+        let rest = chunks.remainder();
+        let mut padded = [b' '; 8];
+        padded[..rest.len()].copy_from_slice(rest);
+        clean = !any_escape(u64::from_le_bytes(padded));
+    }
+    if clean {
+        out.extend_from_slice(bytes);
+    } else {
+        push_escaped(out, bytes);
+    }
+    out.push(b'"');
+}
+
+/// The bytes of a JSON string that has something to escape, one at a time.
+fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        if let Some(chunk) = bytes.get(i..i + 8) {
-            let chunk = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
-            if !any_escape(chunk) {
-                i += 8;
-                continue;
-            }
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape = ESCAPE[b as usize];
+        if escape == 0 {
+            continue;
         }
-        let end = (i + 8).min(bytes.len());
-        for (j, &b) in bytes.iter().enumerate().take(end).skip(i) {
-            let escape = ESCAPE[b as usize];
-            if escape == 0 {
-                continue;
-            }
-            out.extend_from_slice(&bytes[start..j]);
-            match escape {
-                b'u' => out.extend_from_slice(&[
-                    b'\\',
-                    b'u',
-                    b'0',
-                    b'0',
-                    HEX[usize::from(b >> 4)],
-                    HEX[usize::from(b & 0xf)],
-                ]),
-                e => out.extend_from_slice(&[b'\\', e]),
-            }
-            start = j + 1;
+        out.extend_from_slice(&bytes[start..i]);
+        match escape {
+            b'u' => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]),
+            e => out.extend_from_slice(&[b'\\', e]),
         }
-        i = end;
+        start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 /// `key` is the field's `,"name":` prefix.
