@@ -253,10 +253,13 @@ fn every_limit_in_turn_many_times_over() {
     round(0);
     before.assert_recovered(&p, 32 * 1024);
     // The first round settles the allocator; a second as long must not grow memory (a
-    // state leaked per limit hit would be 3,000 states, tens of MiB).
+    // state leaked per limit hit would be 3,000 states of at least 22 KiB each, over
+    // 64 MiB). The slack covers what the allocator keeps between rounds: freed pages it has
+    // not returned yet and the caches of blocking threads the runs apart started (9.2 MiB
+    // was seen once with the whole suite running beside it).
     let middle = Health::of(&p);
     round(1);
-    middle.assert_recovered(&p, 8 * 1024);
+    middle.assert_recovered(&p, 16 * 1024);
     p.stop();
     let lines = audit_lines(&dir.path().join("audit.jsonl"));
     let outcomes = |o: &str| {
