@@ -11,7 +11,7 @@
 //! sequence. The sequence is drawn before the run from a Zipf distribution of exponent
 //! `--zipf` (1.0) over the scripts, with the scripts' popularity ranks shuffled so that the
 //! popular ones are spread over the tenants; `--seed` makes it the same sequence every run.
-//! First `--warmup` requests (700,000), then `--requests` measured ones (1,000,000). The
+//! First `--warmup` requests (1,000,000), then `--requests` measured ones (1,000,000). The
 //! warm-up is that long because the pool ranks scripts by a popularity that halves every
 //! 60 s (the daemon's `server::POPULARITY_HALF_LIFE`): until about one half-life of
 //! requests has gone by, it is still learning which scripts to keep, the states of the
@@ -76,7 +76,7 @@ struct Args {
     requests: u64,
     /// Requests before the measurement (not counted in req/s, latency or hit rate); best
     /// at least one popularity half-life (60 s) of them.
-    #[arg(long, default_value_t = 700_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     warmup: u64,
     /// Exponent of the Zipf distribution over the scripts (0: uniform).
     #[arg(long, default_value_t = 1.0)]
