@@ -153,6 +153,8 @@ impl ScriptState {
                 .into_function()?;
             chunk.call::<()>(())
         });
+        // Only this run has a probe function; requests are probed through the context.
+        set_probe(lua, None);
         self.end();
         self.classify(result, &opts.init).map(drop)
     }
@@ -271,7 +273,6 @@ impl ScriptState {
     /// gives the response and the `r:log` messages (and how many were dropped).
     fn end(&mut self) -> (Response, Vec<String>, usize) {
         self.budget.disarm();
-        set_probe(&self.lua, None);
         self.budget.note_memory(self.lua.used_memory());
         let (response, logs, logs_dropped, new_files) = with_ctx(&self.lua, |ctx| {
             Ok((

@@ -109,14 +109,12 @@ fn param_text<'a>(p: &'a Params, name: &str) -> Option<std::borrow::Cow<'a, str>
     })
 }
 
-/// Records the request's audit line and metrics; `params` are the request's (moved out of
-/// `inc` for a run).
-fn emit(shared: &Shared, inc: &Incoming, params: &Params, a: Audit<'_>) {
+fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
     let elapsed = inc.received.elapsed();
     shared.metrics.request(a.outcome, a.status, elapsed);
-    let client = param_text(params, &shared.config.client_key);
-    let method = param_text(params, "REQUEST_METHOD");
-    let uri = param_text(params, "REQUEST_URI");
+    let client = param_text(&inc.params, &shared.config.client_key);
+    let method = param_text(&inc.params, "REQUEST_METHOD");
+    let uri = param_text(&inc.params, "REQUEST_URI");
     let ev = RequestEvent {
         event: "request",
         request_id: a.request_id,
@@ -180,7 +178,6 @@ pub fn answer_early(
     emit(
         shared,
         inc,
-        &inc.params,
         Audit {
             request_id: &request_id,
             script,
@@ -639,7 +636,6 @@ fn run(
     emit(
         shared,
         inc,
-        &inc.params,
         Audit {
             request_id: &request_id,
             script: Some(script),
