@@ -24,4 +24,5 @@ pub mod render;
 pub mod request_id;
 pub mod resolve;
 pub mod server;
+pub mod socket;
 pub mod system;

@@ -11,8 +11,8 @@
 //! A non-blocking `poll` says whether the peer hung up; for FastCGI, bytes waiting on the
 //! socket are peeked (never consumed) and scanned for an `FCGI_ABORT_REQUEST` of the running
 //! request. The scan starts at a record boundary because requests only run inline when
-//! nothing else was buffered after them. This is the only module with `unsafe` in the
-//! daemon: libc calls on a descriptor the caller keeps open for the whole check.
+//! nothing else was buffered after them. One of three modules with `unsafe` in the daemon:
+//! libc calls on a descriptor the caller keeps open for the whole check.
 #![allow(unsafe_code)]
 
 use std::os::fd::RawFd;

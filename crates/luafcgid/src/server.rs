@@ -26,6 +26,7 @@ use crate::ratelimit::{Limiters, Subject, Verdict};
 use crate::render::Defaults;
 use crate::request_id::RequestIds;
 use crate::resolve::{Resolver, Script};
+use crate::socket::Connection;
 
 /// Stack of each runtime thread, which runs Lua (Lua→Rust→Lua recursion needs more than
 /// 256 KiB).
@@ -800,6 +801,9 @@ async fn accept_tcp(l: TcpListener, mut a: Accepting) {
             r = l.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    let Ok(stream) = stream.into_std().and_then(Connection::new) else {
+                        continue;
+                    };
                     a.serve(stream, Arc::from(peer.ip().to_string()), Some(peer.ip()));
                 }
                 Err(e) => backoff(&mut a.stop, &what, e).await,
@@ -811,11 +815,11 @@ async fn accept_tcp(l: TcpListener, mut a: Accepting) {
     // sent a request, which must be answered.
     let Ok(l) = l.into_std() else { return };
     while let Ok((stream, peer)) = l.accept() {
+        let _ = stream.set_nodelay(true);
         let stream = stream
             .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpStream::from_std(stream));
+            .and_then(|()| Connection::new(stream));
         if let Ok(stream) = stream {
-            let _ = stream.set_nodelay(true);
             a.serve(stream, Arc::from(peer.ip().to_string()), Some(peer.ip()));
         }
     }
@@ -826,7 +830,11 @@ async fn accept_unix(l: UnixListener, mut a: Accepting) {
     while !*a.stop.borrow() {
         tokio::select! {
             r = l.accept() => match r {
-                Ok((stream, _)) => a.serve(stream, peer.clone(), None),
+                Ok((stream, _)) => {
+                    if let Ok(stream) = stream.into_std().and_then(Connection::new) {
+                        a.serve(stream, peer.clone(), None);
+                    }
+                }
                 Err(e) => backoff(&mut a.stop, "a unix socket", e).await,
             },
             _ = a.stop.changed() => {}
@@ -836,7 +844,7 @@ async fn accept_unix(l: UnixListener, mut a: Accepting) {
     while let Ok((stream, _)) = l.accept() {
         let stream = stream
             .set_nonblocking(true)
-            .and_then(|()| tokio::net::UnixStream::from_std(stream));
+            .and_then(|()| Connection::new(stream));
         if let Ok(stream) = stream {
             a.serve(stream, peer.clone(), None);
         }

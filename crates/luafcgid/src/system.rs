@@ -3,7 +3,7 @@
 //! and state changes told to it (`sd_notify`), and giving up root for the configured
 //! `user` and `group` once the sockets are bound and the log is open.
 //!
-//! It does not bind, serve or read configuration. One of two modules with `unsafe` in the
+//! It does not bind, serve or read configuration. One of three modules with `unsafe` in the
 //! daemon: adopting inherited descriptors and the libc calls that read the user database
 //! and switch identity.
 #![allow(unsafe_code)]
