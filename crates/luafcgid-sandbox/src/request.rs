@@ -54,6 +54,9 @@ pub(crate) struct Ctx {
     pub(crate) output_limit: usize,
     /// The running request (see [`input`]); `None` between requests and in the init run.
     pub(crate) request: Option<RequestInput>,
+    /// The number of the running request in this state (0: none), which its request
+    /// object carries: one a script kept answers only to its own request.
+    pub(crate) run: u64,
     /// `r.env` once built.
     pub(crate) env: Option<Table>,
     /// Module files loaded since the owner last collected them.
@@ -71,6 +74,7 @@ impl Ctx {
             header_bytes: 0,
             output_limit: 0,
             request: None,
+            run: 0,
             env: None,
             new_files: Vec::new(),
         }
@@ -93,6 +97,7 @@ impl Ctx {
     pub(crate) fn finish(&mut self) -> Response {
         self.active = false;
         self.request = None;
+        self.run = 0;
         self.env = None;
         std::mem::take(&mut self.response)
     }
@@ -235,11 +240,28 @@ pub(crate) fn input(
     }
 }
 
-/// The request object: a marker whose methods act on the state's [`Ctx`]. One static
-/// instance is handed to `Scope::create_userdata_ref` per request.
-pub(crate) struct RequestObject;
+/// The request object: its methods act on the state's [`Ctx`], and only while the request
+/// it was made for runs ([`Ctx::run`]); one a script keeps is dead afterwards.
+pub(crate) struct RequestObject {
+    pub(crate) run: u64,
+}
 
-pub(crate) static REQUEST_OBJECT: RequestObject = RequestObject;
+impl Ctx {
+    /// Fails unless `object` belongs to the running request, or the run is over a limit.
+    fn check(&self, object: &RequestObject) -> mlua::Result<()> {
+        if object.run == 0 || object.run != self.run {
+            return Err(Error::runtime(
+                "the request object was used after its request ended",
+            ));
+        }
+        self.budget.check()
+    }
+}
+
+/// Fails unless `object` belongs to the running request (see [`Ctx::check`]).
+fn alive(lua: &Lua, object: &RequestObject) -> mlua::Result<()> {
+    with_ctx(lua, |ctx| ctx.check(object))
+}
 
 /// Reads the running request ([`input`]); an error between requests.
 fn read_input(lua: &Lua, op: u8, name: Option<mlua::LuaString>) -> mlua::Result<Value> {
@@ -356,29 +378,32 @@ fn trim_ows(s: &[u8]) -> &[u8] {
 
 impl UserData for RequestObject {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_field_method_get("env", |lua, _| request_env(lua));
+        fields.add_field_method_get("env", |lua, this| {
+            alive(lua, this)?;
+            request_env(lua)
+        });
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         // `puts` takes several arguments too, as scripts for the original often pass them.
-        methods.add_method("puts", |lua, _, values: Variadic<Value>| {
-            with_ctx(lua, |ctx| ctx.budget.check())?;
+        methods.add_method("puts", |lua, this, values: Variadic<Value>| {
+            alive(lua, this)?;
             for value in values.iter() {
                 append_value(lua, value, "r:puts")?;
             }
             Ok(())
         });
-        methods.add_method("write", |lua, _, values: Variadic<Value>| {
-            with_ctx(lua, |ctx| ctx.budget.check())?;
+        methods.add_method("write", |lua, this, values: Variadic<Value>| {
+            alive(lua, this)?;
             for value in values.iter() {
                 append_value(lua, value, "r:write")?;
             }
             Ok(())
         });
-        methods.add_method("header", |lua, _, (name, value): (Value, Value)| {
+        methods.add_method("header", |lua, this, (name, value): (Value, Value)| {
             let name = text_arg(lua, &name, "r:header")?;
             with_ctx(lua, |ctx| {
-                ctx.budget.check()?;
+                ctx.check(this)?;
                 if value.is_nil() {
                     let line = &*name;
                     let Some(colon) = line.iter().position(|&c| c == b':') else {
@@ -393,7 +418,7 @@ impl UserData for RequestObject {
                 }
             })
         });
-        methods.add_method("status", |lua, _, code: Value| {
+        methods.add_method("status", |lua, this, code: Value| {
             let code = match code {
                 Value::Integer(i) => i,
                 Value::Number(n) if n.fract() == 0.0 && n.abs() < 1e6 => n as i64,
@@ -406,41 +431,48 @@ impl UserData for RequestObject {
             };
             let code = check_status(code)?;
             with_ctx(lua, |ctx| {
-                ctx.budget.check()?;
+                ctx.check(this)?;
                 ctx.response.status = Some(code);
                 Ok(())
             })
         });
-        methods.add_method("content_type", |lua, _, value: Value| {
+        methods.add_method("content_type", |lua, this, value: Value| {
             let value = text_arg(lua, &value, "r:content_type")?;
             with_ctx(lua, |ctx| {
-                ctx.budget.check()?;
+                ctx.check(this)?;
                 let value = header_value(&value)?;
                 ctx.set_content_type(value)
             })
         });
-        methods.add_method("gets", |lua, _, ()| read_input(lua, OP_BODY, None));
-        methods.add_method("body", |lua, _, ()| read_input(lua, OP_BODY, None));
-        methods.add_method("reset", |lua, _, ()| {
+        methods.add_method("gets", |lua, this, ()| {
+            alive(lua, this)?;
+            read_input(lua, OP_BODY, None)
+        });
+        methods.add_method("body", |lua, this, ()| {
+            alive(lua, this)?;
+            read_input(lua, OP_BODY, None)
+        });
+        methods.add_method("reset", |lua, this, ()| {
             with_ctx(lua, |ctx| {
-                ctx.budget.check()?;
+                ctx.check(this)?;
                 ctx.response.body.clear();
                 Ok(())
             })
         });
-        methods.add_method("flush", |lua, _, ()| {
-            with_ctx(lua, |ctx| ctx.budget.check())
-        });
-        methods.add_method("log", |lua, _, message: Value| {
+        methods.add_method("flush", |lua, this, ()| alive(lua, this));
+        methods.add_method("log", |lua, this, message: Value| {
             let message = text_arg(lua, &message, "r:log")?;
             with_ctx(lua, |ctx| {
-                ctx.budget.check()?;
+                ctx.check(this)?;
                 ctx.log(&message);
                 Ok(())
             })
         });
-        methods.add_method("config", |lua, _, name: Value| match name {
-            Value::String(name) => read_input(lua, OP_CONFIG, Some(name)),
+        methods.add_method("config", |lua, this, name: Value| match name {
+            Value::String(name) => {
+                alive(lua, this)?;
+                read_input(lua, OP_CONFIG, Some(name))
+            }
             other => Err(Error::runtime(format!(
                 "r:config: expected a string, got {}",
                 other.type_name()

@@ -9,7 +9,7 @@
 //! that does not read its replies is dropped after `read_timeout`. When the peer goes away,
 //! every request of the connection still in Lua is told to stop.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -79,9 +79,19 @@ where
     let mut decoder = Decoder::new(shared.limits.clone());
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut out: Vec<u8> = Vec::new();
-    let mut in_flight: HashMap<u16, InFlight> = HashMap::new();
-    let mut resolved: HashMap<u16, Screened> = HashMap::new();
-    let mut shutdown = shared.shutdown_signal();
+    let mut in_flight: HashMap<u16, InFlight> = HashMap::default();
+    let mut resolved: HashMap<u16, Screened> = HashMap::default();
+    let shutdown = shared.shutdown_signal();
+    // One wait for the whole connection: a new `changed()` future per turn of the loop cost
+    // about as much as decoding a request's params.
+    let mut stopping = false;
+    let stop = {
+        let mut signal = shared.shutdown_signal();
+        async move {
+            let _ = signal.wait_for(|&stop| stop).await;
+        }
+    };
+    tokio::pin!(stop);
     let (read_timeout, idle_timeout) = (shared.config.read_timeout, shared.config.idle_timeout);
     let mut progress = Instant::now();
     let mut closing = false;
@@ -299,7 +309,7 @@ where
                 armed = due;
                 timer.as_mut().reset(TokioInstant::from_std(due));
             }
-            _ = shutdown.changed(), if !*shutdown.borrow() => {}
+            () = &mut stop, if !stopping => stopping = true,
         }
     }
     for f in in_flight.values() {

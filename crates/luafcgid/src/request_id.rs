@@ -41,10 +41,11 @@ impl RequestIds {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let v = mix(n ^ self.key);
-        let text: String = (0..16)
-            .map(|i| HEX[((v >> (60 - 4 * i)) & 0xf) as usize] as char)
-            .collect();
-        text
+        let mut text = [0u8; 16];
+        for (i, digit) in text.iter_mut().enumerate() {
+            *digit = HEX[((v >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        String::from_utf8(text.to_vec()).expect("hex digits are ASCII")
     }
 }
 
