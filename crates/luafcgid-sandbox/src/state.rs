@@ -46,7 +46,25 @@ pub struct ScriptState {
     memory_limit: usize,
     files: Vec<PathBuf>,
     requests: u64,
+    /// The entry function last run and whether it takes the request object; held, so its
+    /// address stays its own while it is compared.
+    entry_arity: Option<(Function, bool)>,
     _not_sync: PhantomData<Cell<()>>,
+}
+
+/// Whether `entry` can receive the request object: it declares parameters or takes `...`.
+/// The answer for the last entry function is kept in `seen` (looking it up copies the
+/// function's source text).
+fn takes_request(entry: &Function, seen: &mut Option<(Function, bool)>) -> bool {
+    if let Some((f, takes)) = seen {
+        if f.to_pointer() == entry.to_pointer() {
+            return *takes;
+        }
+    }
+    let info = entry.info();
+    let takes = info.num_params > 0 || info.is_vararg;
+    *seen = Some((entry.clone(), takes));
+    takes
 }
 
 impl std::fmt::Debug for ScriptState {
@@ -129,6 +147,7 @@ impl ScriptState {
             memory_limit: opts.memory,
             files: vec![opts.script.clone()],
             requests: 0,
+            entry_arity: None,
             _not_sync: PhantomData,
         })
     }
@@ -213,17 +232,18 @@ impl ScriptState {
             ctx.run = run;
             Ok(())
         });
-        let (globals, key, form, name) = (
+        let (globals, key, form, name, arity) = (
             &self.globals,
             &self.entry_key,
             self.entry_form,
             &self.entry_name,
+            &mut self.entry_arity,
         );
         // The request object carries the run's number, so that one a script keeps is dead
         // after its request (the request itself is in the context, cleared by `end`). A
-        // scoped object did the same at the cost of a tenth of a hello-world request.
+        // scoped object did the same at a higher cost. A `handler` declared without
+        // parameters could not reach the object, so it gets none.
         let result = (|| {
-            let r = lua.create_userdata(RequestObject { run })?;
             let entry = match globals.raw_get::<Value>(key)? {
                 Value::Function(f) => f,
                 _ => {
@@ -233,9 +253,14 @@ impl ScriptState {
                 }
             };
             match form {
-                EntryForm::Handler => entry.call::<Value>(r),
+                EntryForm::Handler if !takes_request(&entry, arity) => entry.call::<Value>(()),
+                EntryForm::Handler => {
+                    let r = lua.create_userdata(RequestObject { run })?;
+                    entry.call::<Value>(r)
+                }
                 EntryForm::Main => {
                     let env = request_env(lua)?;
+                    let r = lua.create_userdata(RequestObject { run })?;
                     entry.call::<()>((env, r)).map(|()| Value::Nil)
                 }
             }

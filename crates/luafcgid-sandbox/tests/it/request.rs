@@ -255,6 +255,30 @@ fn dead_request_object_in_a_coroutine() {
 }
 
 #[test]
+fn a_handler_gets_the_object_when_it_can_reach_it() {
+    for (script, expected) in [
+        ("function handler(r) return type(r) end", "userdata"),
+        (
+            "function handler(...) return select('#', ...) .. type(...) end",
+            "1userdata",
+        ),
+        ("function handler() return select('#') end", "0"),
+        ("handler = type", "userdata"),
+    ] {
+        let mut s = load(script);
+        let text = body(request(&mut s.state));
+        assert!(text.starts_with(expected), "{script}: {text}");
+    }
+    // A handler that replaces itself with one that takes the object gets it next time.
+    let mut s =
+        load("function handler() handler = function(r) r:puts(type(r)) end return 'first' end");
+    assert_eq!(body(request(&mut s.state)), "first");
+    for _ in 0..3 {
+        assert_eq!(body(request(&mut s.state)), "userdata");
+    }
+}
+
+#[test]
 fn methods_need_the_object() {
     handler_error("r.puts('x')");
 }
