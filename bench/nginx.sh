@@ -41,7 +41,7 @@
 # Everything runs in a private temp dir (configs, sockets, logs) and on 127.0.0.1
 # only; every process the script starts is stopped by PID on exit and the temp dir
 # is removed. Worst-case duration: about rows x len(CONNS) x (ROUNDS x DURATION +
-# WARMUP) seconds plus start-up (7 rows, 2 connection counts: ~290 s by default; 8 rows
+# WARMUP) seconds plus start-up (8 rows, 2 connection counts: ~330 s by default; 9 rows
 # with ORIG_LUAFCGID).
 #
 # Rows (URL paths on one nginx server, 1 worker process, access_log off):
@@ -53,7 +53,11 @@
 #                                        the reply is the same bytes as `return`'s
 #   php-fpm/N     /php-N/hello.php    -> php-fpm, pm = static, pm.max_children = N, unix socket,
 #                                        a new connection per request (see PHP_KEEPALIVE)
-#   lua-unix      /lua-unix/site/hello.lua -> luafcgid, unix socket
+#   lua-unix      /lua-unix/site/hello.lua -> luafcgid, unix socket, script
+#                                        `function handler() return s end`
+#   lua-unix-r    /lua-unix/site/hello_r.lua -> the same luafcgid and socket, script
+#                                        `function handler(r) r:puts(s) end` (the reply
+#                                        written through the request object)
 #   lua-tcp       /lua-tcp/site/hello.lua  -> the same luafcgid, 127.0.0.1 TCP
 #   orig-luafcgid /orig/hello.lua     -> the original C luafcgid (only with ORIG_LUAFCGID), unix
 #                                        socket, workers = CPUs, its shipped config's defaults
@@ -291,6 +295,7 @@ tree_ticks() { # PID...: utime+stime (clock ticks) of those processes and all th
 
 mkdir -p "$T/www/site" "$T/nginx-tmp"
 printf 's = "Hello World"\nfunction handler() return s end\n' >"$T/www/site/hello.lua"
+printf 's = "Hello World"\nfunction handler(r) r:puts(s) end\n' >"$T/www/site/hello_r.lua"
 # luafcgid's policies: limits and a ceiling for the whole document root, and a tenant
 # directory with its own file, as a hosting setup would have them.
 cat >"$T/www/policy.toml" <<'EOF'
@@ -355,6 +360,7 @@ add_row const /const const
 ((LUA_NGINX)) && add_row lua-nginx /lua-nginx ""
 for n in $PHP_CHILDREN; do add_row "php-fpm/$n" "/php-$n/hello.php" "php-$n"; done
 add_row lua-unix /lua-unix/site/hello.lua luafcgid
+add_row lua-unix-r /lua-unix/site/hello_r.lua luafcgid
 add_row lua-tcp /lua-tcp/site/hello.lua luafcgid
 if [[ -n $ORIG_LUAFCGID ]]; then
     add_row orig-luafcgid /orig/hello.lua orig
@@ -807,7 +813,7 @@ print_diagnostics() {
             ((${lines:-0} >= measured + warm + checks)) && break
             sleep 0.1
         done
-        echo "audit log (lua-unix, lua-tcp): ${lines:-0} request lines; wrk completed $measured measured + $warm warm-up requests, plus $checks checks"
+        echo "audit log (lua-unix, lua-unix-r, lua-tcp): ${lines:-0} request lines; wrk completed $measured measured + $warm warm-up requests, plus $checks checks"
         echo "audit log policies and states: $(grep '"event":"request"' "$T/audit.log" | grep -o '"policy":[^]]*]\|"state":"[^"]*"' | sort | uniq -c |
             awk '{ c = $1; $1 = ""; printf "%s%s x%s", (NR > 1 ? "; " : ""), substr($0, 2), c }')"
         echo "audit log outcomes: $(grep '"event":"request"' "$T/audit.log" | grep -o '"outcome":"[^"]*"' | sort | uniq -c |

@@ -236,7 +236,10 @@ fn write_value(v: &Value, w: &mut Writer<'_>) -> Result<(), SerializeError> {
         Value::Number(n) => write_float(*n, out),
         Value::String(s) => quote(&s.as_bytes(), out),
         Value::Table(t) => write_table(t, w)?,
-        other => return Err(fail(&format!("cannot serialize a {}", other.type_name()))),
+        other => {
+            let name = crate::request::type_name(other);
+            return Err(fail(&format!("cannot serialize a {name}")));
+        }
     }
     if w.out.len() > w.max {
         return Err(SerializeError::TooLong);

@@ -15,7 +15,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mlua::{Error, Lua, Table, UserData, UserDataFields, UserDataMethods, Value, Variadic};
+use mlua::{
+    Error, FromLuaMulti, Function, IntoLuaMulti, LightUserData, Lua, Table, Value, Variadic,
+};
 
 use crate::limits::{Budget, Stop};
 use crate::{
@@ -240,16 +242,31 @@ pub(crate) fn input(
     }
 }
 
-/// The request object: its methods act on the state's [`Ctx`], and only while the request
-/// it was made for runs ([`Ctx::run`]); one a script keeps is dead afterwards.
-pub(crate) struct RequestObject {
-    pub(crate) run: u64,
+/// The request object as scripts see it: a light userdata whose value is the number of the
+/// run it was made for ([`Ctx::run`]). Its methods act on the state's [`Ctx`], and only
+/// while that run lasts: one a script keeps is dead afterwards. Being a plain value, it costs
+/// nothing to make and nothing to collect (a full userdata per request cost a ninth of a
+/// hello-world request, half of it in the collector's finaliser); light userdata share one
+/// metatable per state, set by [`install_request_object`], and scripts meet no other light
+/// userdata (no library they can load makes any).
+pub(crate) fn request_object(run: u64) -> LightUserData {
+    LightUserData(std::ptr::without_provenance_mut(run as usize))
+}
+
+/// A value's type as Lua's `type` names it (the request object is a light userdata, which
+/// mlua names apart).
+pub(crate) fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::LightUserData(_) => "userdata",
+        other => other.type_name(),
+    }
 }
 
 impl Ctx {
     /// Fails unless `object` belongs to the running request, or the run is over a limit.
-    fn check(&self, object: &RequestObject) -> mlua::Result<()> {
-        if object.run == 0 || object.run != self.run {
+    fn check(&self, object: LightUserData) -> mlua::Result<()> {
+        let run = object.0 as usize as u64;
+        if run == 0 || run != self.run {
             return Err(Error::runtime(
                 "the request object was used after its request ended",
             ));
@@ -259,7 +276,7 @@ impl Ctx {
 }
 
 /// Fails unless `object` belongs to the running request (see [`Ctx::check`]).
-fn alive(lua: &Lua, object: &RequestObject) -> mlua::Result<()> {
+fn alive(lua: &Lua, object: LightUserData) -> mlua::Result<()> {
     with_ctx(lua, |ctx| ctx.check(object))
 }
 
@@ -301,7 +318,7 @@ pub(crate) fn text_arg(lua: &Lua, value: &Value, what: &str) -> mlua::Result<Vec
         },
         other => Err(Error::runtime(format!(
             "{what}: expected a string or a number, got {}",
-            other.type_name()
+            type_name(other)
         ))),
     }
 }
@@ -376,56 +393,99 @@ fn trim_ows(s: &[u8]) -> &[u8] {
     &s[start..end.max(start)]
 }
 
-impl UserData for RequestObject {
-    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_field_method_get("env", |lua, this| {
-            alive(lua, this)?;
-            request_env(lua)
-        });
-    }
+/// Adds the method `name` to `methods`: `f` gets the object the method was called on (an
+/// error when it is not a request object, as in `r.puts("x")`) and the other arguments.
+fn method<A, R>(
+    lua: &Lua,
+    methods: &Table,
+    name: &str,
+    f: impl Fn(&Lua, LightUserData, A) -> mlua::Result<R> + Send + 'static,
+) -> mlua::Result<()>
+where
+    A: FromLuaMulti,
+    R: IntoLuaMulti,
+{
+    let function =
+        lua.create_function(move |lua, (this, args): (LightUserData, A)| f(lua, this, args))?;
+    methods.raw_set(name, function)
+}
 
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+/// What `r.name` finds: a method, or for `env` the request's variables; nil otherwise.
+const REQUEST_INDEX: &str = r#"
+local methods, env = ...
+return function(r, key)
+    local m = methods[key]
+    if m ~= nil then
+        return m
+    end
+    if key == "env" then
+        return env(r)
+    end
+end
+"#;
+
+/// Makes light userdata request objects in `lua` ([`request_object`]): their methods, `env`
+/// and a metatable scripts can neither read nor change.
+pub(crate) fn install_request_object(lua: &Lua) -> mlua::Result<()> {
+    let methods = lua.create_table()?;
+    {
+        let methods = &methods;
         // `puts` takes several arguments too, as scripts for the original often pass them.
-        methods.add_method("puts", |lua, this, values: Variadic<Value>| {
-            alive(lua, this)?;
-            for value in values.iter() {
-                append_value(lua, value, "r:puts")?;
-            }
-            Ok(())
-        });
-        methods.add_method("write", |lua, this, values: Variadic<Value>| {
-            alive(lua, this)?;
-            for value in values.iter() {
-                append_value(lua, value, "r:write")?;
-            }
-            Ok(())
-        });
-        methods.add_method("header", |lua, this, (name, value): (Value, Value)| {
-            let name = text_arg(lua, &name, "r:header")?;
-            with_ctx(lua, |ctx| {
-                ctx.check(this)?;
-                if value.is_nil() {
-                    let line = &*name;
-                    let Some(colon) = line.iter().position(|&c| c == b':') else {
-                        return Err(Error::runtime(
-                            "r:header: expected \"Name: value\" or (name, value)",
-                        ));
-                    };
-                    ctx.add_header(&line[..colon], trim_ows(&line[colon + 1..]))
-                } else {
-                    let value = text_arg(lua, &value, "r:header")?;
-                    ctx.add_header(&name, &value)
+        method(
+            lua,
+            methods,
+            "puts",
+            |lua, this, values: Variadic<Value>| {
+                alive(lua, this)?;
+                for value in values.iter() {
+                    append_value(lua, value, "r:puts")?;
                 }
-            })
-        });
-        methods.add_method("status", |lua, this, code: Value| {
+                Ok(())
+            },
+        )?;
+        method(
+            lua,
+            methods,
+            "write",
+            |lua, this, values: Variadic<Value>| {
+                alive(lua, this)?;
+                for value in values.iter() {
+                    append_value(lua, value, "r:write")?;
+                }
+                Ok(())
+            },
+        )?;
+        method(
+            lua,
+            methods,
+            "header",
+            |lua, this, (name, value): (Value, Value)| {
+                let name = text_arg(lua, &name, "r:header")?;
+                with_ctx(lua, |ctx| {
+                    ctx.check(this)?;
+                    if value.is_nil() {
+                        let line = &*name;
+                        let Some(colon) = line.iter().position(|&c| c == b':') else {
+                            return Err(Error::runtime(
+                                "r:header: expected \"Name: value\" or (name, value)",
+                            ));
+                        };
+                        ctx.add_header(&line[..colon], trim_ows(&line[colon + 1..]))
+                    } else {
+                        let value = text_arg(lua, &value, "r:header")?;
+                        ctx.add_header(&name, &value)
+                    }
+                })
+            },
+        )?;
+        method(lua, methods, "status", |lua, this, code: Value| {
             let code = match code {
                 Value::Integer(i) => i,
                 Value::Number(n) if n.fract() == 0.0 && n.abs() < 1e6 => n as i64,
                 other => {
                     return Err(Error::runtime(format!(
                         "r:status: expected an integer, got {}",
-                        other.type_name()
+                        type_name(&other)
                     )))
                 }
             };
@@ -435,50 +495,70 @@ impl UserData for RequestObject {
                 ctx.response.status = Some(code);
                 Ok(())
             })
-        });
-        methods.add_method("content_type", |lua, this, value: Value| {
+        })?;
+        method(lua, methods, "content_type", |lua, this, value: Value| {
             let value = text_arg(lua, &value, "r:content_type")?;
             with_ctx(lua, |ctx| {
                 ctx.check(this)?;
                 let value = header_value(&value)?;
                 ctx.set_content_type(value)
             })
-        });
-        methods.add_method("gets", |lua, this, ()| {
+        })?;
+        method(lua, methods, "gets", |lua, this, ()| {
             alive(lua, this)?;
             read_input(lua, OP_BODY, None)
-        });
-        methods.add_method("body", |lua, this, ()| {
+        })?;
+        method(lua, methods, "body", |lua, this, ()| {
             alive(lua, this)?;
             read_input(lua, OP_BODY, None)
-        });
-        methods.add_method("reset", |lua, this, ()| {
+        })?;
+        method(lua, methods, "reset", |lua, this, ()| {
             with_ctx(lua, |ctx| {
                 ctx.check(this)?;
                 ctx.response.body.clear();
                 Ok(())
             })
-        });
-        methods.add_method("flush", |lua, this, ()| alive(lua, this));
-        methods.add_method("log", |lua, this, message: Value| {
+        })?;
+        method(lua, methods, "flush", |lua, this, ()| alive(lua, this))?;
+        method(lua, methods, "log", |lua, this, message: Value| {
             let message = text_arg(lua, &message, "r:log")?;
             with_ctx(lua, |ctx| {
                 ctx.check(this)?;
                 ctx.log(&message);
                 Ok(())
             })
-        });
-        methods.add_method("config", |lua, this, name: Value| match name {
-            Value::String(name) => {
-                alive(lua, this)?;
-                read_input(lua, OP_CONFIG, Some(name))
-            }
-            other => Err(Error::runtime(format!(
-                "r:config: expected a string, got {}",
-                other.type_name()
-            ))),
-        });
+        })?;
+        method(
+            lua,
+            methods,
+            "config",
+            |lua, this, name: Value| match name {
+                Value::String(name) => {
+                    alive(lua, this)?;
+                    read_input(lua, OP_CONFIG, Some(name))
+                }
+                other => Err(Error::runtime(format!(
+                    "r:config: expected a string, got {}",
+                    type_name(&other)
+                ))),
+            },
+        )?;
     }
+    let env = lua.create_function(|lua, this: LightUserData| {
+        alive(lua, this)?;
+        request_env(lua)
+    })?;
+    let index: Function = lua
+        .load(REQUEST_INDEX)
+        .set_name("=[luafcgid request]")
+        .set_mode(mlua::chunk::ChunkMode::Text)
+        .call((methods, env))?;
+    let metatable = lua.create_table()?;
+    metatable.raw_set("__index", index)?;
+    metatable.raw_set("__name", "request")?;
+    metatable.raw_set("__metatable", false)?;
+    lua.set_type_metatable::<LightUserData>(Some(metatable));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use mlua::{Error, Function, Lua, Table, Value};
 use crate::env::new_state;
 use crate::limits::{install_hook, is_memory_error, AbortProbe, Budget, Stop};
 use crate::modules::{install_require, source_text, ModuleSpace};
-use crate::request::{request_env, with_ctx, Ctx, RequestObject};
+use crate::request::{install_request_object, request_env, request_object, with_ctx, Ctx};
 use crate::{Failure, LimitKind, Limits, Report, RequestInput, Response, StateOptions};
 
 /// How the entry function is called.
@@ -46,25 +46,7 @@ pub struct ScriptState {
     memory_limit: usize,
     files: Vec<PathBuf>,
     requests: u64,
-    /// The entry function last run and whether it takes the request object; held, so its
-    /// address stays its own while it is compared.
-    entry_arity: Option<(Function, bool)>,
     _not_sync: PhantomData<Cell<()>>,
-}
-
-/// Whether `entry` can receive the request object: it declares parameters or takes `...`.
-/// The answer for the last entry function is kept in `seen` (looking it up copies the
-/// function's source text).
-fn takes_request(entry: &Function, seen: &mut Option<(Function, bool)>) -> bool {
-    if let Some((f, takes)) = seen {
-        if f.to_pointer() == entry.to_pointer() {
-            return *takes;
-        }
-    }
-    let info = entry.info();
-    let takes = info.num_params > 0 || info.is_vararg;
-    *seen = Some((entry.clone(), takes));
-    takes
 }
 
 impl std::fmt::Debug for ScriptState {
@@ -116,6 +98,7 @@ impl ScriptState {
         let budget = Arc::new(Budget::new());
         budget.set_memory_limit(opts.memory);
         let lua = new_state(&opts.libs, &budget)?;
+        install_request_object(&lua)?;
         // Generational collection: a request's garbage (its params, strings, tables) dies
         // young and is collected in minor cycles soon after, instead of piling up to several
         // times the state's live size between the incremental collector's full cycles.
@@ -147,7 +130,6 @@ impl ScriptState {
             memory_limit: opts.memory,
             files: vec![opts.script.clone()],
             requests: 0,
-            entry_arity: None,
             _not_sync: PhantomData,
         })
     }
@@ -232,17 +214,15 @@ impl ScriptState {
             ctx.run = run;
             Ok(())
         });
-        let (globals, key, form, name, arity) = (
+        let (globals, key, form, name) = (
             &self.globals,
             &self.entry_key,
             self.entry_form,
             &self.entry_name,
-            &mut self.entry_arity,
         );
         // The request object carries the run's number, so that one a script keeps is dead
-        // after its request (the request itself is in the context, cleared by `end`). A
-        // scoped object did the same at a higher cost. A `handler` declared without
-        // parameters could not reach the object, so it gets none.
+        // after its request (the request itself is in the context, cleared by `end`).
+        let r = request_object(run);
         let result = (|| {
             let entry = match globals.raw_get::<Value>(key)? {
                 Value::Function(f) => f,
@@ -253,14 +233,9 @@ impl ScriptState {
                 }
             };
             match form {
-                EntryForm::Handler if !takes_request(&entry, arity) => entry.call::<Value>(()),
-                EntryForm::Handler => {
-                    let r = lua.create_userdata(RequestObject { run })?;
-                    entry.call::<Value>(r)
-                }
+                EntryForm::Handler => entry.call::<Value>(r),
                 EntryForm::Main => {
                     let env = request_env(lua)?;
-                    let r = lua.create_userdata(RequestObject { run })?;
                     entry.call::<()>((env, r)).map(|()| Value::Nil)
                 }
             }
@@ -286,7 +261,9 @@ impl ScriptState {
             v @ (Value::Integer(_) | Value::Number(_)) => {
                 crate::request::append_value(&self.lua, &v, "handler result")
             }
-            other => Err(Error::external(BadResult(other.type_name()))),
+            other => Err(Error::external(BadResult(crate::request::type_name(
+                &other,
+            )))),
         }
     }
 

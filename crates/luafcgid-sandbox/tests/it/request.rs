@@ -279,6 +279,20 @@ fn a_handler_gets_the_object_when_it_can_reach_it() {
 }
 
 #[test]
+fn the_objects_metatable_is_out_of_reach() {
+    let response = ok(run_handler(
+        "return tostring(getmetatable(r)) .. ' ' .. tostring(r == r) .. ' ' .. type(r.puts)",
+        Req::default(),
+    ));
+    assert_eq!(response.body, b"false true function");
+    for bad in ["r.x = 1", "setmetatable(r, {})", "r.puts = print"] {
+        assert!(!handler_error(bad).is_empty(), "{bad}");
+    }
+    let message = handler_error("return r");
+    assert!(message.contains("userdata"), "{message}");
+}
+
+#[test]
 fn methods_need_the_object() {
     handler_error("r.puts('x')");
 }
