@@ -169,6 +169,36 @@ fn sigterm_round() {
 }
 
 #[test]
+fn sigterm_closes_an_idle_keep_alive_connection_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let config: PathBuf = dir.path().join("luafcgid.toml");
+    // Far beyond the test's bound: only a connection that ends by itself lets it pass.
+    write(
+        &config,
+        "shutdown_timeout_ms = 120000\nidle_timeout_ms = 120000\n",
+    );
+    let p = Process::start_with_config(dir.path(), &log, &config);
+    let hello = p.root.join("hello.lua");
+    write(&hello, "function handler() return 'hi' end");
+    let idle = UnixStream::connect(&p.sock).unwrap();
+    let mut client = Client::new(Box::new(idle.try_clone().unwrap()));
+    let params = params_for(&hello.display().to_string(), "GET", &[]);
+    client.send(&Client::encode(1, true, &params, b""));
+    assert_eq!(client.response(1).status, 200);
+    let signalled = Instant::now();
+    p.stop();
+    assert!(signalled.elapsed() < BOUND / 2, "{:?}", signalled.elapsed());
+    idle.set_read_timeout(Some(BOUND)).unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        std::io::Read::read(&mut &idle, &mut byte).unwrap(),
+        0,
+        "closed"
+    );
+}
+
+#[test]
 fn accept_errors_when_descriptors_run_out_back_off_and_recover() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit.jsonl");
