@@ -17,7 +17,7 @@
 //! connection's buffer resident).
 #![allow(unsafe_code)]
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -26,10 +26,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// A connected stream socket of the standard library (unix or TCP).
-pub trait StreamSocket: AsRawFd + std::fmt::Debug + Sized + Send + Sync + Unpin + 'static
-where
-    for<'a> &'a Self: Read + Write,
-{
+pub trait StreamSocket: AsRawFd + std::fmt::Debug + Sized + Send + Sync + Unpin + 'static {
+    /// One `write(2)`.
+    fn send(&self, buf: &[u8]) -> io::Result<usize>;
     /// A second descriptor for the same socket.
     fn duplicate(&self) -> io::Result<Self>;
     /// Ends the sending direction.
@@ -37,6 +36,9 @@ where
 }
 
 impl StreamSocket for std::os::unix::net::UnixStream {
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        (&mut &*self).write(buf)
+    }
     fn duplicate(&self) -> io::Result<Self> {
         self.try_clone()
     }
@@ -46,6 +48,9 @@ impl StreamSocket for std::os::unix::net::UnixStream {
 }
 
 impl StreamSocket for std::net::TcpStream {
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        (&mut &*self).write(buf)
+    }
     fn duplicate(&self) -> io::Result<Self> {
         self.try_clone()
     }
@@ -55,32 +60,23 @@ impl StreamSocket for std::net::TcpStream {
 }
 
 /// Registers `socket` with the current runtime for `interest`.
-fn register<S: StreamSocket>(socket: S, interest: Interest) -> io::Result<AsyncFd<S>>
-where
-    for<'a> &'a S: Read + Write,
-{
+fn register<S: StreamSocket>(socket: S, interest: Interest) -> io::Result<AsyncFd<S>> {
     // SAFETY: `S` owns its descriptor (a standard-library socket closes it only when
     // dropped), and the `AsyncFd` owns `S` until it is dropped, so the descriptor stays open
     // and the same for the registration's whole life.
     unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(io::Error::from)
 }
 
-#[derive(Debug)]
 /// A non-blocking connection registered for readability, and for writability only while a
 /// write is waiting for room.
-pub struct Connection<S: StreamSocket>
-where
-    for<'a> &'a S: Read + Write,
-{
+#[derive(Debug)]
+pub struct Connection<S: StreamSocket> {
     socket: AsyncFd<S>,
     /// The duplicate registered for writability while the socket is full.
     writable: Option<AsyncFd<S>>,
 }
 
-impl<S: StreamSocket> Connection<S>
-where
-    for<'a> &'a S: Read + Write,
-{
+impl<S: StreamSocket> Connection<S> {
     /// Registers `socket` (which must be non-blocking) with the current runtime.
     pub fn new(socket: S) -> io::Result<Connection<S>> {
         Ok(Connection {
@@ -90,19 +86,13 @@ where
     }
 }
 
-impl<S: StreamSocket> AsRawFd for Connection<S>
-where
-    for<'a> &'a S: Read + Write,
-{
+impl<S: StreamSocket> AsRawFd for Connection<S> {
     fn as_raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
     }
 }
 
-impl<S: StreamSocket> AsyncRead for Connection<S>
-where
-    for<'a> &'a S: Read + Write,
-{
+impl<S: StreamSocket> AsyncRead for Connection<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -143,10 +133,7 @@ where
     }
 }
 
-impl<S: StreamSocket> AsyncWrite for Connection<S>
-where
-    for<'a> &'a S: Read + Write,
-{
+impl<S: StreamSocket> AsyncWrite for Connection<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -154,7 +141,7 @@ where
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         loop {
-            match this.socket.get_ref().write(buf) {
+            match this.socket.get_ref().send(buf) {
                 Ok(n) => {
                     if n == buf.len() {
                         // Everything fitted: stop watching for room.
