@@ -10,8 +10,10 @@
 //! every request of the connection still in Lua is told to stop.
 
 use foldhash::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use fastcgi_protocol::{
@@ -82,9 +84,12 @@ where
     let mut in_flight: HashMap<u16, InFlight> = HashMap::default();
     let mut resolved: HashMap<u16, Screened> = HashMap::default();
     let shutdown = shared.shutdown_signal();
-    // One wait for the whole connection: a new `changed()` future per turn of the loop cost
-    // about as much as decoding a request's params.
+    // One wait for the whole connection, polled only the first time (to register its
+    // wake-up) and when the signal's version moved: a new `changed()` future per turn of the
+    // loop cost about as much as decoding a request's params, and polling a waiting one half
+    // of that.
     let mut stopping = false;
+    let mut registered = false;
     let stop = {
         let mut signal = shared.shutdown_signal();
         async move {
@@ -158,7 +163,8 @@ where
                             resolved.insert(id, (answer, rate, policy));
                         }
                         Event::Request(req) => {
-                            progress = Instant::now();
+                            let now = Instant::now();
+                            progress = now;
                             let id = req.id;
                             let abort = Arc::new(AtomicBool::new(false));
                             in_flight.insert(
@@ -190,7 +196,7 @@ where
                                 body_exceeded: req.body_exceeded,
                                 peer: peer.clone(),
                                 abort,
-                                received: Instant::now(),
+                                received: now,
                                 rate,
                                 policy,
                             };
@@ -309,7 +315,13 @@ where
                 armed = due;
                 timer.as_mut().reset(TokioInstant::from_std(due));
             }
-            () = &mut stop, if !stopping => stopping = true,
+            () = std::future::poll_fn(|cx| {
+                if registered && matches!(shutdown.has_changed(), Ok(false)) {
+                    return Poll::Pending;
+                }
+                registered = true;
+                stop.as_mut().poll(cx)
+            }), if !stopping => stopping = true,
         }
     }
     for f in in_flight.values() {

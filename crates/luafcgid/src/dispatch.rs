@@ -96,25 +96,47 @@ struct Audit<'a> {
     error: Option<&'a str>,
 }
 
-/// A param as log text: its first [`AUDIT_TEXT_MAX`] bytes, invalid UTF-8 replaced (a
-/// client cannot keep its URI out of the log by making it invalid UTF-8).
-fn param_text<'a>(p: &'a Params, name: &str) -> Option<std::borrow::Cow<'a, str>> {
-    p.get(name.as_bytes()).map(|v| {
-        let v = &v[..v.len().min(AUDIT_TEXT_MAX)];
-        // Valid UTF-8 (nearly always) is checked by the faster test first.
-        match std::str::from_utf8(v) {
-            Ok(text) => std::borrow::Cow::Borrowed(text),
-            Err(_) => String::from_utf8_lossy(v),
+/// A param's value as log text: its first [`AUDIT_TEXT_MAX`] bytes, invalid UTF-8 replaced
+/// (a client cannot keep its URI out of the log by making it invalid UTF-8).
+fn log_text(v: &[u8]) -> std::borrow::Cow<'_, str> {
+    let v = &v[..v.len().min(AUDIT_TEXT_MAX)];
+    // Valid UTF-8 (nearly always) is checked by the faster test first.
+    match std::str::from_utf8(v) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(v),
+    }
+}
+
+/// The first values of the params named `names`, found in one pass over the params.
+fn first_values<'a, const N: usize>(p: &'a Params, names: [&[u8]; N]) -> [Option<&'a [u8]>; N] {
+    let mut found = [None; N];
+    let mut missing = N;
+    for (name, value) in p.iter() {
+        for (slot, wanted) in found.iter_mut().zip(names) {
+            if slot.is_none() && name == wanted {
+                *slot = Some(value);
+                missing -= 1;
+            }
         }
-    })
+        if missing == 0 {
+            break;
+        }
+    }
+    found
 }
 
 fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
     let elapsed = inc.received.elapsed();
     shared.metrics.request(a.outcome, a.status, elapsed);
-    let client = param_text(&inc.params, &shared.config.client_key);
-    let method = param_text(&inc.params, "REQUEST_METHOD");
-    let uri = param_text(&inc.params, "REQUEST_URI");
+    let [client, method, uri] = first_values(
+        &inc.params,
+        [
+            shared.config.client_key.as_bytes(),
+            b"REQUEST_METHOD",
+            b"REQUEST_URI",
+        ],
+    )
+    .map(|v| v.map(log_text));
     let ev = RequestEvent {
         event: "request",
         request_id: a.request_id,
