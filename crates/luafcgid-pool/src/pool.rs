@@ -481,8 +481,10 @@ impl<S: Pooled> StatePool<S> {
                 None if !lease.transient => inner.total -= 1,
                 None => {}
             }
-            let now = Instant::now();
+            // The clock is read only when memory is over the cap (nearly never).
+            let mut now = None;
             while inner.memory > self.memory_cap {
+                let now = *now.get_or_insert_with(Instant::now);
                 let Some(victim) = inner
                     .entries
                     .iter()

@@ -346,12 +346,18 @@ fn queue_reply(
     reply.keep_conn
 }
 
+/// Writes `out` whole, within `timeout`, and empties it. A reply that fits in the socket
+/// at once (nearly all) is written without arming a timer.
 async fn write_out<S: AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut Vec<u8>,
     timeout: std::time::Duration,
 ) -> Result<(), ()> {
-    let r = tokio::time::timeout(timeout, stream.write_all(out)).await;
+    let mut write = std::pin::pin!(stream.write_all(out));
+    let r = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        Poll::Ready(r) => Ok(r),
+        Poll::Pending => tokio::time::timeout(timeout, write).await,
+    };
     out.clear();
     match r {
         Ok(Ok(())) => Ok(()),

@@ -1,7 +1,7 @@
 //! The FastCGI front end: framing, keep-alive, multiplexing, management records, abort,
 //! malformed input, limits and timeouts.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use fastcgi_protocol::client::{
@@ -406,6 +406,49 @@ fn slow_client_times_out_without_a_worker() {
         "the daemon closes a request that stalls"
     );
     assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_client_that_never_reads_its_reply_is_dropped_after_the_write_timeout() {
+    // 4 MiB, far more than a socket buffer holds; one connection at a time, so the next one
+    // is served only once the daemon has dropped the stuck one.
+    let big = "function handler(r) local s = string.rep('x', 1024) \
+               for i = 1, 4096 do r:puts(s) end end";
+    let d = Daemon::start(
+        "read_timeout_ms = 300\nmax_connections = 1\n",
+        &[("big.lua", big), ("hello.lua", HELLO)],
+    );
+    let mut stuck = d.unix_client();
+    let params = params_for(&d.script("big.lua"), "GET", &[]);
+    stuck.send(&Client::encode(1, true, &params, b""));
+    let t = Instant::now();
+    loop {
+        // Refused (closed at once, maybe before the request is even sent) while the stuck
+        // connection holds the only slot.
+        let mut c = d.unix_client();
+        let hello = params_for(&d.script("hello.lua"), "GET", &[]);
+        let sent = c
+            .stream
+            .write_all(&Client::encode(1, true, &hello, b""))
+            .is_ok();
+        if sent && c.reply().is_some() {
+            break;
+        }
+        assert!(
+            t.elapsed() < BOUND,
+            "the daemon kept a connection nobody read from"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    // The stuck client gets what was in the socket's buffer, then the end.
+    let mut got = Vec::new();
+    let _ = stuck.stream.read_to_end(&mut got);
+    assert!(got.len() < 4 << 20, "{} bytes", got.len());
 }
 
 #[test]
