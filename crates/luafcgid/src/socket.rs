@@ -35,29 +35,24 @@ pub trait StreamSocket: AsRawFd + std::fmt::Debug + Sized + Send + Sync + Unpin 
     fn shut_down_writes(&self) -> io::Result<()>;
 }
 
-impl StreamSocket for std::os::unix::net::UnixStream {
-    fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        (&mut &*self).write(buf)
-    }
-    fn duplicate(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shut_down_writes(&self) -> io::Result<()> {
-        self.shutdown(std::net::Shutdown::Write)
-    }
+/// The standard library's unix and TCP streams have the same methods for these.
+macro_rules! stream_socket {
+    ($($socket:ty),*) => {$(
+        impl StreamSocket for $socket {
+            fn send(&self, buf: &[u8]) -> io::Result<usize> {
+                (&mut &*self).write(buf)
+            }
+            fn duplicate(&self) -> io::Result<Self> {
+                self.try_clone()
+            }
+            fn shut_down_writes(&self) -> io::Result<()> {
+                self.shutdown(std::net::Shutdown::Write)
+            }
+        }
+    )*};
 }
 
-impl StreamSocket for std::net::TcpStream {
-    fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        (&mut &*self).write(buf)
-    }
-    fn duplicate(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shut_down_writes(&self) -> io::Result<()> {
-        self.shutdown(std::net::Shutdown::Write)
-    }
-}
+stream_socket!(std::os::unix::net::UnixStream, std::net::TcpStream);
 
 /// Registers `socket` with the current runtime for `interest`.
 fn register<S: StreamSocket>(socket: S, interest: Interest) -> io::Result<AsyncFd<S>> {
