@@ -4,9 +4,9 @@
 //! Every run follows the same steps: arm the [`Budget`] with the run's limits, start the
 //! response in [`Ctx`] (which holds the running request, if any, until the run ends), run
 //! Lua (a request's object carries the run's number, so it is dead after its request; the
-//! init run's abort probe lives in a `Lua::scope` and dies with that run), then classify the result: a stop recorded in the budget wins
-//! over whatever error Lua reported, then Lua's out-of-memory error, then everything else is
-//! the script's error.
+//! init run's abort probe lives in a `Lua::scope` and dies with that run), then classify
+//! the result: a stop recorded in the budget wins over whatever error Lua reported, then
+//! Lua's out-of-memory error, then everything else is the script's error.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -214,32 +214,7 @@ impl ScriptState {
             ctx.run = run;
             Ok(())
         });
-        let (globals, key, form, name) = (
-            &self.globals,
-            &self.entry_key,
-            self.entry_form,
-            &self.entry_name,
-        );
-        // The request object carries the run's number, so that one a script keeps is dead
-        // after its request (the request itself is in the context, cleared by `end`).
-        let r = request_object(run);
-        let result = (|| {
-            let entry = match globals.raw_get::<Value>(key)? {
-                Value::Function(f) => f,
-                _ => {
-                    return Err(Error::runtime(format!(
-                        "entry function '{name}' is not defined"
-                    )))
-                }
-            };
-            match form {
-                EntryForm::Handler => entry.call::<Value>(r),
-                EntryForm::Main => {
-                    let env = request_env(lua)?;
-                    entry.call::<()>((env, r)).map(|()| Value::Nil)
-                }
-            }
-        })();
+        let result = self.call_entry(run);
         let result = result.and_then(|value| self.append_result(value));
         let (response, logs, logs_dropped) = self.end();
         let result = self.classify(result, limits).map(|()| response);
@@ -250,6 +225,29 @@ impl ScriptState {
             logs,
             logs_dropped,
             long: self.budget.was_long(),
+        }
+    }
+
+    /// Calls the entry function with the request object of run `run` (which carries the
+    /// run's number, so that one a script keeps is dead after its request; the request
+    /// itself is in the context, cleared by `end`).
+    fn call_entry(&self, run: u64) -> mlua::Result<Value> {
+        let r = request_object(run);
+        let entry = match self.globals.raw_get::<Value>(&self.entry_key)? {
+            Value::Function(f) => f,
+            _ => {
+                return Err(Error::runtime(format!(
+                    "entry function '{}' is not defined",
+                    self.entry_name
+                )))
+            }
+        };
+        match self.entry_form {
+            EntryForm::Handler => entry.call::<Value>(r),
+            EntryForm::Main => {
+                let env = request_env(&self.lua)?;
+                entry.call::<()>((env, r)).map(|()| Value::Nil)
+            }
         }
     }
 

@@ -26,7 +26,7 @@ use crate::ratelimit::{Limiters, Subject, Verdict};
 use crate::render::Defaults;
 use crate::request_id::RequestIds;
 use crate::resolve::{Resolver, Script};
-use crate::socket::Connection;
+use crate::socket::{Connection, Listener, StreamListener};
 
 /// Stack of each runtime thread, which runs Lua (Lua→Rust→Lua recursion needs more than
 /// 256 KiB).
@@ -768,6 +768,21 @@ struct Accepting {
 }
 
 impl Accepting {
+    /// Serves an accepted TCP connection (non-blocking).
+    fn serve_tcp(&self, stream: std::net::TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        if let Ok(stream) = Connection::new(stream) {
+            self.serve(stream, Arc::from(peer.ip().to_string()), Some(peer.ip()));
+        }
+    }
+
+    /// Serves an accepted unix-socket connection (non-blocking).
+    fn serve_unix(&self, stream: std::os::unix::net::UnixStream, peer: &Arc<str>) {
+        if let Ok(stream) = Connection::new(stream) {
+            self.serve(stream, peer.clone(), None);
+        }
+    }
+
     /// Serves `stream` on a task of its own, unless the connection cap is reached or its
     /// TCP peer is not in `allow`.
     fn serve<S>(&self, stream: S, peer: Arc<str>, ip: Option<IpAddr>)
@@ -796,16 +811,14 @@ impl Accepting {
 
 async fn accept_tcp(l: TcpListener, mut a: Accepting) {
     let what = format!("{:?}", l.local_addr().ok());
+    let l = match l.into_std().and_then(Listener::new) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("cannot watch {what}: {e}"),
+    };
     while !*a.stop.borrow() {
         tokio::select! {
             r = l.accept() => match r {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let Ok(stream) = stream.into_std().and_then(Connection::new) else {
-                        continue;
-                    };
-                    a.serve(stream, Arc::from(peer.ip().to_string()), Some(peer.ip()));
-                }
+                Ok((stream, peer)) => a.serve_tcp(stream, peer),
                 Err(e) => backoff(&mut a.stop, &what, e).await,
             },
             _ = a.stop.changed() => {}
@@ -813,41 +826,30 @@ async fn accept_tcp(l: TcpListener, mut a: Accepting) {
     }
     // Connections the kernel completed before the stop: their clients may already have
     // sent a request, which must be answered.
-    let Ok(l) = l.into_std() else { return };
-    while let Ok((stream, peer)) = l.accept() {
-        let _ = stream.set_nodelay(true);
-        let stream = stream
-            .set_nonblocking(true)
-            .and_then(|()| Connection::new(stream));
-        if let Ok(stream) = stream {
-            a.serve(stream, Arc::from(peer.ip().to_string()), Some(peer.ip()));
-        }
+    let l = l.into_inner();
+    while let Ok((stream, peer)) = l.accept_one() {
+        a.serve_tcp(stream, peer);
     }
 }
 
 async fn accept_unix(l: UnixListener, mut a: Accepting) {
     let peer: Arc<str> = Arc::from("unix");
+    let l = match l.into_std().and_then(Listener::new) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("cannot watch a unix socket: {e}"),
+    };
     while !*a.stop.borrow() {
         tokio::select! {
             r = l.accept() => match r {
-                Ok((stream, _)) => {
-                    if let Ok(stream) = stream.into_std().and_then(Connection::new) {
-                        a.serve(stream, peer.clone(), None);
-                    }
-                }
+                Ok((stream, _)) => a.serve_unix(stream, &peer),
                 Err(e) => backoff(&mut a.stop, "a unix socket", e).await,
             },
             _ = a.stop.changed() => {}
         }
     }
-    let Ok(l) = l.into_std() else { return };
-    while let Ok((stream, _)) = l.accept() {
-        let stream = stream
-            .set_nonblocking(true)
-            .and_then(|()| Connection::new(stream));
-        if let Ok(stream) = stream {
-            a.serve(stream, peer.clone(), None);
-        }
+    let l = l.into_inner();
+    while let Ok((stream, _)) = l.accept_one() {
+        a.serve_unix(stream, &peer);
     }
 }
 

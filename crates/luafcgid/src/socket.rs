@@ -7,7 +7,11 @@
 //! the request itself (at one connection it also delayed the client's own wake-up on that
 //! CPU). Here the connection is registered for readability alone; a write goes straight to
 //! the socket, and only when the socket is full does a duplicate of its descriptor get
-//! registered for writability, until the reply has been written.
+//! registered for writability, until the reply has been written. Listening sockets are
+//! watched here too, so that an accepted connection is registered once, as a connection
+//! (taken from the runtime's own listener it was registered, deregistered and registered
+//! again: two extra system calls per connection, per request for front ends that do not
+//! keep connections open).
 //!
 //! It does not buffer: each read and write is one system call, as with the runtime's
 //! streams. One of three modules with `unsafe` in the daemon: registering a descriptor with
@@ -54,11 +58,76 @@ macro_rules! stream_socket {
 
 stream_socket!(std::os::unix::net::UnixStream, std::net::TcpStream);
 
-/// Registers `socket` with the current runtime for `interest`.
-fn register<S: StreamSocket>(socket: S, interest: Interest) -> io::Result<AsyncFd<S>> {
-    // SAFETY: `S` owns its descriptor (a standard-library socket closes it only when
-    // dropped), and the `AsyncFd` owns `S` until it is dropped, so the descriptor stays open
-    // and the same for the registration's whole life.
+/// A listening socket of the standard library (unix or TCP).
+pub trait StreamListener: AsRawFd + std::fmt::Debug + Send + Sync + Unpin + 'static {
+    type Stream: StreamSocket;
+    type Peer;
+    /// One `accept(2)`: the new connection, non-blocking, and its peer.
+    fn accept_one(&self) -> io::Result<(Self::Stream, Self::Peer)>;
+}
+
+/// The standard library's unix and TCP listeners have the same method for this.
+macro_rules! stream_listener {
+    ($($listener:ty => $stream:ty, $peer:ty);*) => {$(
+        impl StreamListener for $listener {
+            type Stream = $stream;
+            type Peer = $peer;
+            fn accept_one(&self) -> io::Result<($stream, $peer)> {
+                let (stream, peer) = self.accept()?;
+                stream.set_nonblocking(true)?;
+                Ok((stream, peer))
+            }
+        }
+    )*};
+}
+
+stream_listener!(
+    std::os::unix::net::UnixListener => std::os::unix::net::UnixStream,
+        std::os::unix::net::SocketAddr;
+    std::net::TcpListener => std::net::TcpStream, std::net::SocketAddr
+);
+
+/// A non-blocking listening socket registered for readability. Its connections are not
+/// registered by it: each becomes a [`Connection`] (one registration per connection, where
+/// taking them from the runtime's own listener would register, deregister and register
+/// again).
+#[derive(Debug)]
+pub struct Listener<L: StreamListener> {
+    socket: AsyncFd<L>,
+}
+
+impl<L: StreamListener> Listener<L> {
+    /// Registers `listener` (which must be non-blocking) with the current runtime.
+    pub fn new(listener: L) -> io::Result<Listener<L>> {
+        Ok(Listener {
+            socket: register(listener, Interest::READABLE)?,
+        })
+    }
+
+    /// The next connection, non-blocking, and its peer; errors of `accept(2)` (descriptors
+    /// exhausted, ...) as they come.
+    pub async fn accept(&self) -> io::Result<(L::Stream, L::Peer)> {
+        loop {
+            let mut guard = self.socket.readable().await?;
+            match guard.try_io(|l| l.get_ref().accept_one()) {
+                Ok(accepted) => return accepted,
+                // No connection after all: readiness was cleared, wait for the next edge.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Deregisters the listener and gives it back (still non-blocking).
+    pub fn into_inner(self) -> L {
+        self.socket.into_inner()
+    }
+}
+
+/// Registers `socket`, a standard-library socket, with the current runtime for `interest`.
+fn register<S: AsRawFd>(socket: S, interest: Interest) -> io::Result<AsyncFd<S>> {
+    // SAFETY: every caller passes a standard-library socket or listener, which owns its
+    // descriptor (it closes it only when dropped), and the `AsyncFd` owns it until it is
+    // dropped, so the descriptor stays open and the same for the registration's whole life.
     unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(io::Error::from)
 }
 
