@@ -30,6 +30,9 @@ pub struct Params {
     entries: Vec<Entry>,
 }
 
+/// Entries a stream is first given room for: more than the ~20 params nginx sends.
+const SPARE_ENTRIES: usize = 32;
+
 /// One pair: `data[name_start..][..name_len]` then the value right after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
@@ -70,19 +73,14 @@ fn read_pair(buf: &[u8], mut pos: usize) -> Result<(usize, usize, usize, usize),
 impl Params {
     /// Decodes a complete name-value pair stream, taking ownership of it.
     ///
-    /// Allocates exactly one entry per pair (a first pass counts them), so the
-    /// memory held is the stream plus 12 bytes per pair.
+    /// One pass; the memory held is the stream plus 12 bytes per pair (and spare room for
+    /// at most [`SPARE_ENTRIES`] more, or a quarter of the entries).
     pub fn decode(raw: Vec<u8>) -> Result<Params, ParamsError> {
         if u32::try_from(raw.len()).is_err() {
             return Err(ParamsError::LengthOverflow);
         }
-        let mut count = 0usize;
-        let mut pos = 0;
-        while pos < raw.len() {
-            pos = read_pair(&raw, pos)?.3;
-            count += 1;
-        }
-        let mut entries = Vec::with_capacity(count);
+        // Room for what a web server sends; a pair takes at least two bytes.
+        let mut entries = Vec::with_capacity(SPARE_ENTRIES.min(raw.len() / 2));
         let mut pos = 0;
         while pos < raw.len() {
             let (name_start, name_len, value_len, next) = read_pair(&raw, pos)?;
@@ -93,6 +91,9 @@ impl Params {
                 value_len: value_len as u32,
             });
             pos = next;
+        }
+        if entries.capacity() - entries.len() > SPARE_ENTRIES.max(entries.len() / 4) {
+            entries.shrink_to_fit();
         }
         Ok(Params { data: raw, entries })
     }
@@ -115,6 +116,13 @@ impl Params {
             .iter()
             .find(|e| self.name_of(e) == name)
             .map(|e| self.value_of(e))
+    }
+
+    /// The pair at `index` in arrival order.
+    pub fn pair(&self, index: usize) -> Option<(&[u8], &[u8])> {
+        self.entries
+            .get(index)
+            .map(|e| (self.name_of(e), self.value_of(e)))
     }
 
     /// All pairs in arrival order, duplicates included.
@@ -205,6 +213,8 @@ mod tests {
         assert_eq!(p.get(b""), Some(&b"x"[..]));
         assert_eq!(p.get(b"C"), None);
         assert_eq!(p.get(b"AA"), None);
+        assert_eq!(p.pair(2), Some((&b"A"[..], &b"2"[..])));
+        assert_eq!(p.pair(4), None);
         let all: Vec<_> = p.iter().collect();
         assert_eq!(
             all,
@@ -298,11 +308,21 @@ mod tests {
     }
 
     #[test]
-    fn entries_are_allocated_exactly() {
-        let raw = stream(&[(b"A", b"1"), (b"B", b"2"), (b"C", b"3")]);
-        let cap = raw.capacity();
-        let p = Params::decode(raw).unwrap();
-        assert_eq!(p.heap_size(), cap + 3 * 12);
+    fn spare_entries_are_bounded() {
+        for n in [0usize, 1, 3, 20, 33, 100, 600, 1000] {
+            let names: Vec<Vec<u8>> = (0..n).map(|i| i.to_string().into_bytes()).collect();
+            let pairs: Vec<(&[u8], &[u8])> = names.iter().map(|k| (&k[..], &b"v"[..])).collect();
+            let raw = stream(&pairs);
+            let cap = raw.capacity();
+            let p = Params::decode(raw).unwrap();
+            assert_eq!(p.len(), n);
+            let entries = (p.heap_size() - cap) / 12;
+            assert!(entries >= n, "{n} pairs, room for {entries}");
+            assert!(
+                entries - n <= SPARE_ENTRIES.max(n / 4),
+                "{n} pairs, room for {entries}"
+            );
+        }
     }
 
     #[test]

@@ -444,7 +444,7 @@ impl PolicyTree {
     /// The effective policy of `script`, given by its real (canonical, absolute) path.
     /// Warm: a hash lookup and an `Arc` clone, no file system access.
     pub fn resolve(&self, script: &Path) -> Resolution {
-        let (Some(dir), Some(name)) = (script.parent(), script.file_name()) else {
+        let Some((dir, name)) = split_script(script) else {
             return Resolution::Outside;
         };
         if let Some(hit) = self.lookup(dir, name) {
@@ -981,6 +981,58 @@ impl PolicyTree {
         subdirs.sort();
         for sub in subdirs {
             self.check_walk(root, &sub, below.clone(), depth + 1, visited, problems);
+        }
+    }
+}
+
+/// A script's directory and file name, as [`Path::parent`] and [`Path::file_name`] give
+/// them. A path whose last `/` is followed by a name and preceded by neither `/` nor `.`
+/// (every canonical path) is split at that byte without parsing its components; any other
+/// goes through `Path`.
+fn split_script(script: &Path) -> Option<(&Path, &OsStr)> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = script.as_os_str().as_bytes();
+    if let Some(i) = bytes.iter().rposition(|&b| b == b'/') {
+        let name = &bytes[i + 1..];
+        let plain_name = !name.is_empty() && name != b"." && name != b"..";
+        let plain_dir = i == 0 || !matches!(bytes[i - 1], b'/' | b'.');
+        if plain_name && plain_dir {
+            let dir = &bytes[..i.max(1)];
+            return Some((Path::new(OsStr::from_bytes(dir)), OsStr::from_bytes(name)));
+        }
+    }
+    Some((script.parent()?, script.file_name()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_split_as_path_splits_them() {
+        for path in [
+            "/srv/www/site/hello.lua",
+            "/hello.lua",
+            "/",
+            "",
+            "hello.lua",
+            "site/hello.lua",
+            "/srv/www/",
+            "/srv/www/.",
+            "/srv/www/..",
+            "/srv//www//hello.lua",
+            "/srv/www/./hello.lua",
+            "/srv/www/../hello.lua",
+            "/srv/www./hello.lua",
+            "./hello.lua",
+            "../hello.lua",
+            "//hello.lua",
+            "/srv/www/.hidden",
+            "/srv/www/hello.lua/",
+        ] {
+            let p = Path::new(path);
+            let slow = p.parent().zip(p.file_name());
+            assert_eq!(split_script(p), slow, "{path}");
         }
     }
 }

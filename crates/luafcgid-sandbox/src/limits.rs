@@ -367,8 +367,11 @@ fn probe_abort(lua: &Lua, long: bool) -> mlua::Result<bool> {
     };
     // The context is only ever borrowed briefly; a borrow in progress (the hook firing
     // inside a helper that holds it) skips this probe, the next one asks.
-    let request = match lua.try_app_data_ref::<crate::request::Ctx>() {
-        Ok(Some(ctx)) => ctx.request.clone(),
+    let request = match lua.try_app_data_ref::<crate::request::SharedCtx>() {
+        Ok(Some(cell)) => match cell.try_lock() {
+            Ok(ctx) => ctx.request.clone(),
+            Err(_) => return Ok(false),
+        },
         _ => return Ok(false),
     };
     if let Some(request) = request {

@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use mlua::{
@@ -186,16 +186,39 @@ impl Ctx {
     }
 }
 
-/// Runs `f` with the state's [`Ctx`].
+/// A state's [`Ctx`], held by its [`crate::ScriptState`] (which reaches it directly, without
+/// the app-data lookup) and in its app data (where its callbacks find it).
+pub(crate) type SharedCtx = Arc<Mutex<Ctx>>;
+
+/// Runs `f` with the [`Ctx`] in `cell`. It is only ever used by the thread running the
+/// state, so the lock is never contended; a lock already held (a callback reaching it while
+/// it is in use) is an error, as a second mutable borrow would be.
+pub(crate) fn lock_ctx<R>(
+    cell: &Mutex<Ctx>,
+    f: impl FnOnce(&mut Ctx) -> mlua::Result<R>,
+) -> mlua::Result<R> {
+    let mut ctx = match cell.try_lock() {
+        Ok(ctx) => ctx,
+        // A panic in a callback while it held the context: what it holds is still whole.
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => {
+            return Err(Error::runtime("internal error: request context busy"))
+        }
+    };
+    f(&mut ctx)
+}
+
+/// Runs `f` with the state's [`Ctx`], found in its app data (for callbacks, which have only
+/// the state).
 pub(crate) fn with_ctx<R>(
     lua: &Lua,
     f: impl FnOnce(&mut Ctx) -> mlua::Result<R>,
 ) -> mlua::Result<R> {
-    let mut ctx = lua
-        .try_app_data_mut::<Ctx>()
+    let cell = lua
+        .try_app_data_ref::<SharedCtx>()
         .map_err(|_| Error::runtime("internal error: request context busy"))?
         .ok_or_else(|| Error::runtime("internal error: no request context"))?;
-    f(&mut ctx)
+    lock_ctx(&cell, f)
 }
 
 /// Reads the running request `req`: `op` is one of the `OP_*` constants.

@@ -19,7 +19,9 @@ use mlua::{Error, Function, Lua, Table, Value};
 use crate::env::new_state;
 use crate::limits::{install_hook, is_memory_error, AbortProbe, Budget, Stop};
 use crate::modules::{install_require, source_text, ModuleSpace};
-use crate::request::{install_request_object, request_env, request_object, with_ctx, Ctx};
+use crate::request::{
+    install_request_object, lock_ctx, request_env, request_object, Ctx, SharedCtx,
+};
 use crate::{Failure, LimitKind, Limits, Report, RequestInput, Response, StateOptions};
 
 /// How the entry function is called.
@@ -37,6 +39,8 @@ enum EntryForm {
 /// `Send` (it moves between worker threads) but not `Sync`. Globals the script sets persist
 /// across the requests this state serves.
 pub struct ScriptState {
+    /// The request context, also in the state's app data for its callbacks.
+    ctx: SharedCtx,
     lua: Lua,
     globals: Table,
     budget: Arc<Budget>,
@@ -105,7 +109,8 @@ impl ScriptState {
         lua.gc_set_mode(mlua::prelude::LuaGcMode::Generational(
             mlua::prelude::LuaGcGenParams::default(),
         ));
-        lua.set_app_data(Ctx::new(Arc::clone(&budget)));
+        let ctx = Arc::new(std::sync::Mutex::new(Ctx::new(Arc::clone(&budget))));
+        lua.set_app_data(Arc::clone(&ctx));
         lua.set_app_data(AbortProbe::default());
         let root =
             std::fs::canonicalize(&opts.module_root).unwrap_or_else(|_| opts.module_root.clone());
@@ -121,6 +126,7 @@ impl ScriptState {
         let globals = lua.globals();
         let entry_key = lua.create_string("handler")?;
         Ok(ScriptState {
+            ctx,
             lua,
             globals,
             budget,
@@ -208,7 +214,7 @@ impl ScriptState {
         let lua = &self.lua;
         self.budget.arm(limits, lua.used_memory());
         let run = self.requests;
-        let _ = with_ctx(lua, |ctx| {
+        let _ = lock_ctx(&self.ctx, |ctx| {
             ctx.begin(limits.output, true);
             ctx.request = Some(req.clone());
             ctx.run = run;
@@ -255,7 +261,7 @@ impl ScriptState {
     fn append_result(&self, value: Value) -> mlua::Result<()> {
         match value {
             Value::Nil => Ok(()),
-            Value::String(s) => with_ctx(&self.lua, |ctx| ctx.append(&s.as_bytes())),
+            Value::String(s) => lock_ctx(&self.ctx, |ctx| ctx.append(&s.as_bytes())),
             v @ (Value::Integer(_) | Value::Number(_)) => {
                 crate::request::append_value(&self.lua, &v, "handler result")
             }
@@ -266,7 +272,7 @@ impl ScriptState {
     }
 
     fn begin(&self, output_limit: usize, active: bool) {
-        let _ = with_ctx(&self.lua, |ctx| {
+        let _ = lock_ctx(&self.ctx, |ctx| {
             ctx.begin(output_limit, active);
             Ok(())
         });
@@ -277,7 +283,7 @@ impl ScriptState {
     fn end(&mut self) -> (Response, Vec<String>, usize) {
         self.budget.disarm();
         self.budget.note_memory(self.lua.used_memory());
-        let (response, logs, logs_dropped, new_files) = with_ctx(&self.lua, |ctx| {
+        let (response, logs, logs_dropped, new_files) = lock_ctx(&self.ctx, |ctx| {
             Ok((
                 ctx.finish(),
                 std::mem::take(&mut ctx.logs),

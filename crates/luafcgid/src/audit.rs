@@ -1,8 +1,10 @@
 //! The JSON audit log: one line per request and per lifecycle event, written by one
-//! background thread so a slow disk never stalls a request. Lines are built by the caller
-//! (request lines by [`RequestEvent::write_line`], the busiest path, byte for byte as
-//! serde_json would write them; lifecycle events with serde_json) and queued without
-//! blocking.
+//! background thread so a slow disk never stalls a request. Lifecycle lines are built by
+//! the caller with serde_json and queued without blocking. A request line, the busiest
+//! path, is queued as what it is made of (a [`RequestLine`], timestamped when queued) and
+//! written out by the writer thread with [`RequestEvent::write_line`], byte for byte as
+//! serde_json would write it: the thread that answers the request only moves data, and the
+//! lines keep the order in which they were queued.
 //! When the queue is full (in lines or bytes), or a write fails (disk full), a line is
 //! counted as dropped and a later `log_dropped` event reports the count. [`AuditLog::reopen`]
 //! makes the writer reopen its file by name between two lines (logrotate's `postrotate`).
@@ -42,11 +44,20 @@ pub const AUDIT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest script-controlled text kept in a log field, in bytes.
 pub const AUDIT_TEXT_MAX: usize = 4096;
 
+/// A request line as queued: it writes itself, as JSON, when the writer thread gets to it.
+pub trait RequestLine: Send {
+    /// Appends the line, newline included.
+    fn write(&self, out: &mut Vec<u8>);
+    /// Bytes it holds, counted against [`AUDIT_QUEUE_BYTES`] while it waits.
+    fn cost(&self) -> usize;
+}
+
 /// What the writer thread receives.
-#[derive(Debug)]
 enum Message {
     /// One JSON line, newline included.
     Line(Vec<u8>),
+    /// One request line, written by the writer; with its [`RequestLine::cost`].
+    Request(Box<dyn RequestLine>, usize),
     /// Wakes the writer to reopen its file (the request itself is [`Counters::reopen`]).
     Reopen,
     /// Write what came before, then stop.
@@ -114,14 +125,18 @@ thread_local! {
 
 /// RFC 3339 UTC time with microseconds.
 pub fn timestamp() -> String {
-    String::from_utf8_lossy(&timestamp_bytes()).into_owned()
+    String::from_utf8_lossy(&timestamp_bytes(now())).into_owned()
 }
 
-/// [`timestamp`] as bytes, without an allocation.
-fn timestamp_bytes() -> [u8; 27] {
-    let d = SystemTime::now()
+/// The time now, since the epoch: what a line's `ts` shows.
+pub fn now() -> Duration {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// [`timestamp`] of a time since the epoch, as bytes, without an allocation.
+fn timestamp_bytes(d: Duration) -> [u8; 27] {
     let secs = d.as_secs() as i64;
     let prefix = LAST_SECOND.with(|last| {
         let (at, text) = last.get();
@@ -164,9 +179,11 @@ impl Serialize for PolicyFiles<'_> {
     }
 }
 
-/// One `request` event. Its time is taken when the line is written.
+/// One `request` event.
 #[derive(Debug)]
 pub struct RequestEvent<'a> {
+    /// Its time, since the epoch ([`now`] when it was queued).
+    pub at: Duration,
     pub event: &'static str,
     pub request_id: &'a str,
     pub client: Option<&'a str>,
@@ -292,11 +309,11 @@ fn push_opt_u64(out: &mut Vec<u8>, key: &[u8], value: Option<u64>) {
 }
 
 impl RequestEvent<'_> {
-    /// Appends the event as one JSON line (newline included), stamped with the time now:
-    /// the same fields, order and escapes as serde_json gives for a struct of them.
+    /// Appends the event as one JSON line (newline included): the same fields, order and
+    /// escapes as serde_json gives for a struct of them.
     pub fn write_line(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"ts\":\"");
-        out.extend_from_slice(&timestamp_bytes());
+        out.extend_from_slice(&timestamp_bytes(self.at));
         out.push(b'"');
         push_opt_str(out, b",\"event\":", Some(self.event));
         push_opt_str(out, b",\"request_id\":", Some(self.request_id));
@@ -513,22 +530,26 @@ impl AuditLog {
             return;
         }
         line.push(b'\n');
-        self.queue(line);
+        self.queue_line(line);
     }
 
-    /// Queues one `request` event, as [`AuditLog::emit`] does.
-    pub fn emit_request(&self, event: &RequestEvent<'_>) {
-        let mut line = Vec::with_capacity(512);
-        event.write_line(&mut line);
-        self.queue(line);
+    /// Queues one `request` line, to be written by the writer thread; never waits. Dropped
+    /// and counted as [`AuditLog::emit`]'s lines are.
+    pub fn emit_request(&self, line: Box<dyn RequestLine>) {
+        let cost = line.cost();
+        self.queue(cost, Message::Request(line, cost));
     }
 
     /// Queues one whole line, newline included.
-    fn queue(&self, line: Vec<u8>) {
-        let len = line.len();
+    fn queue_line(&self, line: Vec<u8>) {
+        self.queue(line.len(), Message::Line(line));
+    }
+
+    /// Queues a message holding `len` bytes.
+    fn queue(&self, len: usize, message: Message) {
         let c = &self.counters;
         let queued = c.queued_bytes.fetch_add(len, Ordering::Relaxed) + len <= AUDIT_QUEUE_BYTES;
-        if !queued || self.sender.try_send(Message::Line(line)).is_err() {
+        if !queued || self.sender.try_send(message).is_err() {
             c.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             c.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -622,6 +643,16 @@ impl Writer {
                             .queued_bytes
                             .fetch_sub(line.len(), Ordering::Relaxed);
                         self.batch.extend_from_slice(&line);
+                        if self.batch.len() >= AUDIT_WRITE_CHUNK {
+                            self.flush();
+                        }
+                    }
+                    Message::Request(line, cost) => {
+                        self.counters
+                            .queued_bytes
+                            .fetch_sub(cost, Ordering::Relaxed);
+                        line.write(&mut self.batch);
+                        drop(line);
                         if self.batch.len() >= AUDIT_WRITE_CHUNK {
                             self.flush();
                         }
@@ -800,6 +831,7 @@ mod tests {
             PathBuf::from("site/\"odd\".toml"),
         ];
         let full = RequestEvent {
+            at: now(),
             event: "request",
             request_id: "0123456789abcdef",
             client: Some("127.0.0.1"),

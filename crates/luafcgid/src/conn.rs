@@ -82,6 +82,8 @@ where
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut out: Vec<u8> = Vec::new();
     let mut in_flight: HashMap<u16, InFlight> = HashMap::default();
+    // Requests queued for a state: their replies come on `rx`, which is polled only then.
+    let mut queued = 0usize;
     let mut resolved: HashMap<u16, Screened> = HashMap::default();
     let shutdown = shared.shutdown_signal();
     // One wait for the whole connection, polled only the first time (to register its
@@ -154,8 +156,9 @@ where
                                     policy,
                                 };
                                 decoder.finish(id);
-                                if let Some(reply) = dispatch(&shared, inc, answer, &tx, None) {
-                                    out.extend_from_slice(&reply.bytes);
+                                match dispatch(&shared, inc, answer, &tx, None) {
+                                    Some(reply) => out.extend_from_slice(&reply.bytes),
+                                    None => queued += 1,
                                 }
                                 continue;
                             }
@@ -207,10 +210,13 @@ where
                                 Arc::new(SocketProbe::new(stream.as_raw_fd(), Some(id)))
                                     as Arc<dyn ClientProbe + Send>
                             });
-                            if let Some(reply) = dispatch(&shared, inc, answer, &tx, inline) {
-                                if !queue_reply(reply, &mut in_flight, &mut decoder, &mut out) {
-                                    closing = true;
+                            match dispatch(&shared, inc, answer, &tx, inline) {
+                                Some(reply) => {
+                                    if !queue_reply(reply, &mut in_flight, &mut decoder, &mut out) {
+                                        closing = true;
+                                    }
                                 }
+                                None => queued += 1,
                             }
                         }
                         Event::Abort { id } => {
@@ -280,21 +286,15 @@ where
             inbuf.reserve(READ_CHUNK);
         }
         tokio::select! {
-            r = stream.read_buf(&mut inbuf), if !closing => {
-                match r {
-                    Ok(0) | Err(_) => break 'conn,
-                    Ok(_) => {
-                        if !assembling && in_flight.is_empty() {
-                            progress = Instant::now();
-                        }
-                    }
-                }
-            }
-            Some(reply) = rx.recv() => {
+            // In this order: finished replies go out before more requests are read.
+            biased;
+            Some(reply) = rx.recv(), if queued > 0 => {
+                queued -= 1;
                 progress = Instant::now();
                 let mut keep = queue_reply(reply, &mut in_flight, &mut decoder, &mut out);
                 // Write what else is ready in the same syscall.
                 while let Ok(more) = rx.try_recv() {
+                    queued = queued.saturating_sub(1);
                     keep &= queue_reply(more, &mut in_flight, &mut decoder, &mut out);
                 }
                 if write_out(&mut stream, &mut out, read_timeout).await.is_err() {
@@ -304,6 +304,16 @@ where
                     closing = true;
                     if in_flight.is_empty() {
                         break 'conn;
+                    }
+                }
+            }
+            r = stream.read_buf(&mut inbuf), if !closing => {
+                match r {
+                    Ok(0) | Err(_) => break 'conn,
+                    Ok(_) => {
+                        if !assembling && in_flight.is_empty() {
+                            progress = Instant::now();
+                        }
                     }
                 }
             }
@@ -322,6 +332,8 @@ where
                 registered = true;
                 stop.as_mut().poll(cx)
             }), if !stopping => stopping = true,
+            // Nothing left to wait for (closing, no reply to come): done.
+            else => break 'conn,
         }
     }
     for f in in_flight.values() {

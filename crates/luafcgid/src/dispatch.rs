@@ -29,13 +29,13 @@ use luafcgid_sandbox::{
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::admission::Full;
-use crate::audit::{truncate, PolicyFiles, RequestEvent, AUDIT_TEXT_MAX};
+use crate::audit::{truncate, PolicyFiles, RequestEvent, RequestLine, AUDIT_TEXT_MAX};
 use crate::metrics::{Eviction, ShedReason};
 use crate::outcome::Outcome;
 use crate::probe::SocketProbe;
 use crate::ratelimit::Verdict;
 use crate::render::{error_page, render};
-use crate::request_id::RequestIds;
+use crate::request_id::{RequestId, RequestIds};
 use crate::resolve::{Refusal, Script};
 use crate::server::Shared;
 
@@ -82,18 +82,19 @@ pub struct Incoming {
     pub policy: Option<Resolution>,
 }
 
-struct Audit<'a> {
-    request_id: &'a str,
-    script: Option<&'a Script>,
+/// How a request ended, for its audit line.
+struct Audit {
+    request_id: RequestId,
+    script: Option<Arc<Script>>,
     /// The script's effective policy, when it was resolved.
-    effective: Option<&'a Effective>,
+    effective: Option<Arc<Effective>>,
     status: Option<u16>,
     outcome: Outcome,
     instructions: Option<u64>,
     memory: Option<u64>,
     bytes_out: Option<u64>,
     state: Option<&'static str>,
-    error: Option<&'a str>,
+    error: Option<String>,
 }
 
 /// A param's value as log text: its first [`AUDIT_TEXT_MAX`] bytes, invalid UTF-8 replaced
@@ -107,14 +108,14 @@ fn log_text(v: &[u8]) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// The first values of the params named `names`, found in one pass over the params.
-fn first_values<'a, const N: usize>(p: &'a Params, names: [&[u8]; N]) -> [Option<&'a [u8]>; N] {
+/// Where the first params named `names` are, found in one pass over the params.
+fn first_positions<const N: usize>(p: &Params, names: [&[u8]; N]) -> [Option<usize>; N] {
     let mut found = [None; N];
     let mut missing = N;
-    for (name, value) in p.iter() {
+    for (i, (name, _)) in p.iter().enumerate() {
         for (slot, wanted) in found.iter_mut().zip(names) {
             if slot.is_none() && name == wanted {
-                *slot = Some(value);
+                *slot = Some(i);
                 missing -= 1;
             }
         }
@@ -125,42 +126,89 @@ fn first_values<'a, const N: usize>(p: &'a Params, names: [&[u8]; N]) -> [Option
     found
 }
 
-fn emit(shared: &Shared, inc: &Incoming, a: Audit<'_>) {
+/// A request's audit line as queued: what it is made of, moved out of the request, written
+/// as JSON by the audit log's writer thread.
+struct Line {
+    at: Duration,
+    /// The request's params, where its client key, method and URI are read.
+    params: Params,
+    /// Where those three are among `params`.
+    fields: [Option<usize>; 3],
+    peer: Arc<str>,
+    duration_us: u64,
+    bytes_in: u64,
+    audit: Audit,
+}
+
+impl RequestLine for Line {
+    fn write(&self, out: &mut Vec<u8>) {
+        let [client, method, uri] = self.fields.map(|i| {
+            i.and_then(|i| self.params.pair(i))
+                .map(|(_, v)| log_text(v))
+        });
+        let a = &self.audit;
+        let effective = a.effective.as_deref();
+        let script = a.script.as_deref();
+        RequestEvent {
+            at: self.at,
+            event: "request",
+            request_id: &a.request_id,
+            client: Some(client.as_deref().map_or(&*self.peer, truncate)),
+            method: method.as_deref().map(truncate),
+            uri: uri.as_deref().map(truncate),
+            script: script.map(|s| truncate(&s.relative)),
+            tenant: effective
+                .map(|e| e.tenant.as_str())
+                .or(script.map(|s| s.tenant.as_str()))
+                .filter(|t| !t.is_empty()),
+            policy: effective.map(|e| PolicyFiles(&e.files)),
+            status: a.status,
+            outcome: a.outcome.as_str(),
+            duration_us: self.duration_us,
+            instructions: a.instructions,
+            memory: a.memory,
+            bytes_in: Some(self.bytes_in),
+            bytes_out: a.bytes_out,
+            state: a.state,
+            error: a.error.as_deref(),
+        }
+        .write_line(out);
+    }
+
+    fn cost(&self) -> usize {
+        std::mem::size_of::<Line>()
+            + self.params.heap_size()
+            + self.audit.request_id.len()
+            + self.audit.error.as_ref().map_or(0, String::len)
+    }
+}
+
+/// Counts the request in the metrics and queues its audit line. The request's params move
+/// into the line.
+fn emit(shared: &Shared, inc: &mut Incoming, mut audit: Audit) {
     let elapsed = inc.received.elapsed();
-    shared.metrics.request(a.outcome, a.status, elapsed);
-    let [client, method, uri] = first_values(
+    shared.metrics.request(audit.outcome, audit.status, elapsed);
+    if let Some(error) = &mut audit.error {
+        let kept = truncate(error).len();
+        error.truncate(kept);
+    }
+    let fields = first_positions(
         &inc.params,
         [
             shared.config.client_key.as_bytes(),
             b"REQUEST_METHOD",
             b"REQUEST_URI",
         ],
-    )
-    .map(|v| v.map(log_text));
-    let ev = RequestEvent {
-        event: "request",
-        request_id: a.request_id,
-        client: Some(client.as_deref().map_or(&*inc.peer, truncate)),
-        method: method.as_deref().map(truncate),
-        uri: uri.as_deref().map(truncate),
-        script: a.script.map(|s| truncate(&s.relative)),
-        tenant: a
-            .effective
-            .map(|e| e.tenant.as_str())
-            .or(a.script.map(|s| s.tenant.as_str()))
-            .filter(|t| !t.is_empty()),
-        policy: a.effective.map(|e| PolicyFiles(&e.files)),
-        status: a.status,
-        outcome: a.outcome.as_str(),
+    );
+    shared.audit.emit_request(Box::new(Line {
+        at: crate::audit::now(),
+        params: std::mem::take(&mut inc.params),
+        fields,
+        peer: inc.peer.clone(),
         duration_us: elapsed.as_micros() as u64,
-        instructions: a.instructions,
-        memory: a.memory,
-        bytes_in: Some(inc.body_len),
-        bytes_out: a.bytes_out,
-        state: a.state,
-        error: a.error.map(truncate),
-    };
-    shared.audit.emit_request(&ev);
+        bytes_in: inc.body_len,
+        audit,
+    }));
 }
 
 fn frame(framing: Framing, cgi: &[u8], out: &mut Vec<u8>) {
@@ -177,9 +225,9 @@ fn is_head(p: &Params) -> bool {
 /// Answers `inc` with an error page without running Lua.
 pub fn answer_early(
     shared: &Shared,
-    inc: &Incoming,
-    script: Option<&Script>,
-    effective: Option<&Effective>,
+    inc: &mut Incoming,
+    script: Option<&Arc<Script>>,
+    effective: Option<&Arc<Effective>>,
     outcome: Outcome,
     retry_after: Option<u64>,
     detail: Option<&str>,
@@ -201,16 +249,16 @@ pub fn answer_early(
         shared,
         inc,
         Audit {
-            request_id: &request_id,
-            script,
-            effective,
+            request_id,
+            script: script.cloned(),
+            effective: effective.cloned(),
             status: Some(status),
             outcome,
             instructions: None,
             memory: None,
             bytes_out: Some(0),
             state: None,
-            error: detail,
+            error: detail.map(str::to_owned),
         },
     );
     Reply {
@@ -294,7 +342,7 @@ pub fn dispatch(
             let retry_after = (outcome == Outcome::Shed).then_some(SHED_RETRY_AFTER);
             return Some(answer_early(
                 shared,
-                &inc,
+                &mut inc,
                 None,
                 None,
                 outcome,
@@ -311,10 +359,10 @@ pub fn dispatch(
         Resolution::Allowed(e) => e,
         Resolution::Denied(e) => {
             let why = "denied by policy";
-            let e = Some(&*e);
+            let e = Some(&e);
             return Some(answer_early(
                 shared,
-                &inc,
+                &mut inc,
                 Some(&script),
                 e,
                 Outcome::Forbidden,
@@ -326,7 +374,7 @@ pub fn dispatch(
             let why = problem.to_string();
             return Some(answer_early(
                 shared,
-                &inc,
+                &mut inc,
                 Some(&script),
                 None,
                 Outcome::PolicyError,
@@ -338,7 +386,7 @@ pub fn dispatch(
             let why = "outside the document roots";
             return Some(answer_early(
                 shared,
-                &inc,
+                &mut inc,
                 Some(&script),
                 None,
                 Outcome::Forbidden,
@@ -356,7 +404,7 @@ pub fn dispatch(
         shared.metrics.rate_limited(limit);
         return Some(answer_early(
             shared,
-            &inc,
+            &mut inc,
             Some(&script),
             Some(&effective),
             Outcome::RateLimited,
@@ -367,7 +415,7 @@ pub fn dispatch(
     if inc.body_exceeded || inc.body_len > policy.body {
         return Some(answer_early(
             shared,
-            &inc,
+            &mut inc,
             Some(&script),
             Some(&effective),
             Outcome::BodyTooLarge,
@@ -382,7 +430,7 @@ pub fn dispatch(
         if let Ok(own) = tenant.clone().try_acquire_owned() {
             if let Ok(clone) = clones.clone().try_acquire_owned() {
                 if let Ok(slot) = shared.lua_slots.clone().try_acquire_owned() {
-                    let reply = run(shared, &mut inc, &script, &effective, Some(probe));
+                    let reply = run(shared, &mut inc, script, effective, Some(probe));
                     drop((slot, clone, own));
                     return Some(reply);
                 }
@@ -397,7 +445,7 @@ pub fn dispatch(
         };
         return Some(answer_early(
             shared,
-            &inc,
+            &mut inc,
             Some(&script),
             Some(&effective),
             Outcome::Shed,
@@ -430,7 +478,7 @@ pub fn dispatch(
                 let reply = tokio::task::spawn_blocking(move || {
                     let mut inc = inc;
                     let probe = Arc::new(Apart::new(apart.ids.clone()));
-                    let reply = run(&apart, &mut inc, &script, &effective, Some(probe));
+                    let reply = run(&apart, &mut inc, script, effective, Some(probe));
                     drop(permits);
                     reply
                 })
@@ -444,13 +492,13 @@ pub fn dispatch(
             Ok(Some(permits)) => {
                 let mut inc = inc;
                 let probe = Arc::new(SocketProbe::runtime_only());
-                let reply = run(&shared, &mut inc, &script, &effective, Some(probe));
+                let reply = run(&shared, &mut inc, script, effective, Some(probe));
                 drop(permits);
                 reply
             }
             _ => answer_early(
                 &shared,
-                &inc,
+                &mut inc,
                 Some(&script),
                 Some(&effective),
                 Outcome::Shed,
@@ -543,8 +591,8 @@ impl RequestData for RunData {
 fn run(
     shared: &Shared,
     inc: &mut Incoming,
-    script: &Script,
-    effective: &Arc<Effective>,
+    script: Arc<Script>,
+    effective: Arc<Effective>,
     client: Option<Arc<dyn ClientProbe + Send>>,
 ) -> Reply {
     let policy = &effective.policy;
@@ -567,7 +615,7 @@ fn run(
             policy: effective.generation,
         };
         let lease = shared.pool.checkout(&script.key, version, || {
-            ScriptState::load(&state_options(script, effective), &inc.abort)
+            ScriptState::load(&state_options(&script, &effective), &inc.abort)
         });
         match lease {
             Err(f) => Err(f),
@@ -625,7 +673,7 @@ fn run(
             }
         }
     };
-    log_script_messages(shared, &request_id, script, logs);
+    log_script_messages(shared, &request_id, &script, logs);
     let mut cgi = Vec::with_capacity(256);
     let (outcome, status, bytes_out, error) = match &result {
         Ok(resp) => {
@@ -659,7 +707,7 @@ fn run(
         shared,
         inc,
         Audit {
-            request_id: &request_id,
+            request_id,
             script: Some(script),
             effective: Some(effective),
             status: (outcome != Outcome::Aborted).then_some(status),
@@ -668,7 +716,7 @@ fn run(
             memory,
             bytes_out: Some(bytes_out),
             state: state_kind,
-            error: error.as_deref(),
+            error,
         },
     );
     let mut bytes = Vec::with_capacity(cgi.len() + 64);

@@ -37,7 +37,7 @@ impl RequestIds {
     }
 
     /// The next id.
-    pub fn next_id(&self) -> String {
+    pub fn next_id(&self) -> RequestId {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let v = mix(n ^ self.key);
@@ -45,7 +45,36 @@ impl RequestIds {
         for (i, digit) in text.iter_mut().enumerate() {
             *digit = HEX[((v >> (60 - 4 * i)) & 0xf) as usize];
         }
-        String::from_utf8(text.to_vec()).expect("hex digits are ASCII")
+        RequestId(text)
+    }
+}
+
+/// One request id: 16 hex digits, held without an allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequestId([u8; 16]);
+
+impl RequestId {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -291,12 +291,18 @@ fn long_string_rep_is_exact_bounded_and_interruptible() {
     ends_at_the_time_limit(&mut s.state);
 }
 
-/// The scheduling policy of thread `tid` of this process, from /proc.
-fn policy_of(tid: i64) -> i64 {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+/// The scheduling policy of thread `tid` of this process, from /proc; `None` once the
+/// thread has exited.
+fn try_policy_of(tid: i64) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
     // Fields after the command (which ends with ')'): state is field 3; policy is field 41.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    rest.split(' ').nth(38).unwrap().parse().unwrap()
+    Some(rest.split(' ').nth(38).unwrap().parse().unwrap())
+}
+
+/// The scheduling policy of thread `tid`, which is running.
+fn policy_of(tid: i64) -> i64 {
+    try_policy_of(tid).expect("the thread is running")
 }
 
 #[test]
@@ -330,8 +336,9 @@ fn a_long_run_gives_up_cpu_priority_until_it_ends() {
     let tid = rx.recv().unwrap();
     // While the run lasts, its thread's policy becomes SCHED_IDLE (checked until it ends).
     let mut seen = vec![policy_of(tid)];
+    // The thread may exit between a look at the handle and one at /proc.
     while !runner.is_finished() {
-        let p = policy_of(tid);
+        let Some(p) = try_policy_of(tid) else { break };
         if !seen.contains(&p) {
             seen.push(p);
         }
