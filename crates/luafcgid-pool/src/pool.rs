@@ -290,10 +290,14 @@ impl<S: Pooled> StatePool<S> {
     /// queued until its state is checked back in), and whether the script is slow now.
     pub fn admission(&self, key: &ScriptKey, clones: u32) -> Admission {
         let mut inner = self.lock();
-        let entry = inner
-            .entries
-            .entry(MapKey(key.clone()))
-            .or_insert_with(|| Entry::new(clones, Instant::now()));
+        // Found without cloning the key, nearly always.
+        let entry = match inner.entries.get_mut(path_bytes(key)) {
+            Some(entry) => entry,
+            None => inner
+                .entries
+                .entry(MapKey(key.clone()))
+                .or_insert_with(|| Entry::new(clones, Instant::now())),
+        };
         if entry.clones != clones {
             entry.clones = clones;
             entry.admission = Arc::new(Semaphore::new(clones as usize));

@@ -427,9 +427,10 @@ pub fn dispatch(
     let (clones, slow) = (admission.permits, admission.slow);
     let tenant = shared.tenants.of(&effective.tenant);
     if let Some(probe) = inline.filter(|_| !slow) {
-        if let Ok(own) = tenant.clone().try_acquire_owned() {
-            if let Ok(clone) = clones.clone().try_acquire_owned() {
-                if let Ok(slot) = shared.lua_slots.clone().try_acquire_owned() {
+        // Borrowed permits: the run ends before this function returns.
+        if let Ok(own) = tenant.try_acquire() {
+            if let Ok(clone) = clones.try_acquire() {
+                if let Ok(slot) = shared.lua_slots.try_acquire() {
                     let reply = run(shared, &mut inc, script, effective, Some(probe));
                     drop((slot, clone, own));
                     return Some(reply);
