@@ -431,6 +431,7 @@ pub fn dispatch(
         if let Ok(own) = tenant.try_acquire() {
             if let Ok(clone) = clones.try_acquire() {
                 if let Ok(slot) = shared.lua_slots.try_acquire() {
+                    shared.driver_watch.run_started();
                     let reply = run(shared, &mut inc, script, effective, Some(probe));
                     drop((slot, clone, own));
                     return Some(reply);
@@ -463,6 +464,7 @@ pub fn dispatch(
             let own = tenant.acquire_owned().await.ok()?;
             let clone = clones.acquire_owned().await.ok()?;
             let slot = shared.lua_slots.clone().acquire_owned().await.ok()?;
+            shared.driver_watch.run_started();
             Some((slot, clone, own))
         })
         .await;

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +39,14 @@ pub fn runtime_threads(workers: usize) -> usize {
 
 /// How often the driver watchdog looks for Lua runs that could starve the IO driver.
 pub const DRIVER_WATCH_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Looks of the driver watch that find no Lua run before it parks (half a second): an idle
+/// daemon's threads all sleep.
+pub const DRIVER_WATCH_IDLE_LOOKS: u32 = 100;
+
+/// How long the parked driver watch sleeps at most: the bound on how late it may notice a
+/// run whose start it missed.
+pub const DRIVER_WATCH_PARK_MAX: Duration = Duration::from_millis(100);
 
 /// Half-life of a script's popularity for eviction.
 pub const POPULARITY_HALF_LIFE: Duration = Duration::from_secs(60);
@@ -99,6 +107,8 @@ pub struct Shared {
     pub pool: StatePool<ScriptState>,
     /// One permit per request allowed in Lua at once (`workers`).
     pub lua_slots: Arc<Semaphore>,
+    /// The thread that keeps the IO driver polled while Lua runs; told when a run starts.
+    pub driver_watch: Arc<DriverWatch>,
     pub audit: Arc<AuditLog>,
     pub defaults: Defaults,
     pub ids: Arc<RequestIds>,
@@ -139,7 +149,7 @@ impl Shared {
             config,
             resolver,
             audit,
-            lua_slots,
+            (lua_slots, Arc::default()),
             Arc::new(RequestIds::default()),
             shutdown,
             metrics,
@@ -152,7 +162,7 @@ impl Shared {
         config: Config,
         resolver: Resolver,
         audit: Arc<AuditLog>,
-        lua_slots: Arc<Semaphore>,
+        (lua_slots, driver_watch): (Arc<Semaphore>, Arc<DriverWatch>),
         ids: Arc<RequestIds>,
         shutdown: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
@@ -180,6 +190,7 @@ impl Shared {
             ),
             resolver,
             lua_slots,
+            driver_watch,
             audit,
             ids,
             limits,
@@ -347,7 +358,7 @@ impl Shared {
             config,
             resolver,
             audit,
-            self.lua_slots.clone(),
+            (self.lua_slots.clone(), self.driver_watch.clone()),
             self.ids.clone(),
             self.shutdown.clone(),
             self.metrics.clone(),
@@ -680,15 +691,15 @@ impl Server {
         let checked = shared.clone();
         tokio::task::spawn_blocking(move || checked.check_policies());
         let sweeper = tokio::spawn(sweep(live.clone()));
-        let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let driver_watch = shared.driver_watch.clone();
         let watchdog = {
-            let watching = watching.clone();
+            let watch = driver_watch.clone();
             let slots = shared.lua_slots.clone();
             let workers = shared.config.workers;
             let handle = tokio::runtime::Handle::current();
             std::thread::Builder::new()
                 .name("driver-watch".into())
-                .spawn(move || watch_driver(handle, slots, workers, watching))?
+                .spawn(move || watch_driver(handle, slots, workers, &watch))?
         };
         // Not kept: a reload must be able to free the states of the configuration it
         // replaces.
@@ -716,7 +727,7 @@ impl Server {
             connections.acquire_many(max),
         )
         .await;
-        watching.store(false, std::sync::atomic::Ordering::Relaxed);
+        driver_watch.stop();
         let _ = watchdog.join();
         let _ = tokio::task::spawn_blocking(move || {
             shared.audit.lifecycle("stop", serde_json::json!({}));
@@ -863,22 +874,83 @@ async fn backoff(stop: &mut watch::Receiver<bool>, what: &str, e: std::io::Error
     }
 }
 
+/// The driver watch's state, shared with the requests that start Lua runs.
+#[derive(Debug)]
+pub struct DriverWatch {
+    watching: AtomicBool,
+    parked: AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Default for DriverWatch {
+    fn default() -> Self {
+        DriverWatch {
+            watching: AtomicBool::new(true),
+            parked: AtomicBool::new(false),
+            thread: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl DriverWatch {
+    /// A Lua run took a slot: wakes the watch if it is parked (one load when it is not).
+    pub fn run_started(&self) {
+        if self.parked.load(Ordering::SeqCst) {
+            self.unpark();
+        }
+    }
+
+    /// Whether the watch is parked (the daemon has been without a Lua run for a while).
+    pub fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::SeqCst)
+    }
+
+    fn unpark(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+
+    /// Ends the watch (at shutdown).
+    fn stop(&self) {
+        self.watching.store(false, Ordering::SeqCst);
+        self.unpark();
+    }
+}
+
 /// Keeps the IO driver polled while Lua runs. tokio polls its driver only from an idle
 /// thread, and a thread that took the driver's last events and then runs Lua leaves the
 /// others asleep. The sandbox's hook hands the driver off after about a millisecond
 /// (`probe.rs`), but a single long C call runs no hook; so while any Lua run is in
 /// progress, this thread spawns an empty task from outside the runtime every few
-/// milliseconds, which wakes an idle runtime thread (that then polls the driver).
+/// milliseconds, which wakes an idle runtime thread (that then polls the driver). After
+/// [`DRIVER_WATCH_IDLE_LOOKS`] looks without a run it parks until a run starts
+/// ([`DriverWatch::run_started`]), or [`DRIVER_WATCH_PARK_MAX`] at most.
 fn watch_driver(
     handle: tokio::runtime::Handle,
     lua_slots: Arc<Semaphore>,
     workers: usize,
-    watching: Arc<std::sync::atomic::AtomicBool>,
+    watch: &DriverWatch,
 ) {
-    while watching.load(std::sync::atomic::Ordering::Relaxed) {
-        std::thread::sleep(DRIVER_WATCH_INTERVAL);
-        if lua_slots.available_permits() < workers {
+    let _ = watch.thread.set(std::thread::current());
+    let running = || lua_slots.available_permits() < workers;
+    let mut idle = 0u32;
+    while watch.watching.load(Ordering::SeqCst) {
+        if idle >= DRIVER_WATCH_IDLE_LOOKS {
+            watch.parked.store(true, Ordering::SeqCst);
+            // A run that takes its slot after this look sees `parked` and wakes the watch.
+            if !running() && watch.watching.load(Ordering::SeqCst) {
+                std::thread::park_timeout(DRIVER_WATCH_PARK_MAX);
+            }
+            watch.parked.store(false, Ordering::SeqCst);
+        } else {
+            std::thread::sleep(DRIVER_WATCH_INTERVAL);
+        }
+        if running() {
+            idle = 0;
             handle.spawn(async {});
+        } else {
+            idle = idle.saturating_add(1);
         }
     }
 }

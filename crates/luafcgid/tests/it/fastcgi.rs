@@ -590,6 +590,15 @@ fn stale_socket_file_is_replaced_and_mode_applied() {
 
 #[test]
 fn connections_are_served_during_a_long_c_call() {
+    served_during_a_long_c_call(false);
+}
+
+#[test]
+fn connections_are_served_during_a_long_c_call_that_starts_while_the_daemon_idles() {
+    served_during_a_long_c_call(true);
+}
+
+fn served_during_a_long_c_call(from_idle: bool) {
     // One call into C that runs for a long time without a hook firing: the runtime must
     // still accept and serve other connections meanwhile.
     let long_c = "function handler() local s = string.rep('a', 28) return tostring(s:find('.-.-.-.-.-.-.-.-b')) end";
@@ -597,6 +606,14 @@ fn connections_are_served_during_a_long_c_call() {
         "tenant_workers = 2\n[defaults]\ntimeout_ms = 20000\ninstructions = 100000000000\n",
         &[("pattern.lua", long_c), ("hello.lua", HELLO)],
     );
+    if from_idle {
+        // The thread that keeps the runtime's IO driver polled parks while nothing runs.
+        let t = Instant::now();
+        while !d.shared.driver_watch.is_parked() {
+            assert!(t.elapsed() < BOUND, "the driver watch never parked");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let mut slow = d.client();
     slow.send(&Client::encode(
         1,

@@ -500,3 +500,46 @@ fn on_one_cpu_two_workers_keep_a_flooding_tenant_from_holding_them_all() {
         "the hello waited {waited:?}"
     );
 }
+
+/// Voluntary context switches of the thread of `pid` named `name`.
+fn switches_of_thread(pid: u32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            let line = status
+                .lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+                .unwrap();
+            return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        }
+    }
+    panic!("no thread {name} in process {pid}");
+}
+
+#[test]
+fn an_idle_daemon_lets_its_driver_watch_sleep() {
+    // While Lua runs, a thread looks every 5 ms whether the runtime's IO driver needs a
+    // nudge; once nothing has run for a while it parks instead of waking 200 times a second.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let p = Process::start(dir.path(), &log);
+    p.hello();
+    let pid = p.child.id();
+    let t = Instant::now();
+    loop {
+        let before = switches_of_thread(pid, "driver-watch");
+        std::thread::sleep(Duration::from_millis(200));
+        let woke = switches_of_thread(pid, "driver-watch") - before;
+        if woke <= 5 {
+            break;
+        }
+        assert!(
+            t.elapsed() < BOUND,
+            "the driver watch still wakes {woke} times in 200 ms while the daemon idles"
+        );
+    }
+    // Parked, it still serves.
+    assert_eq!(p.hello().len(), 16);
+}
