@@ -692,6 +692,7 @@ impl Server {
         tokio::task::spawn_blocking(move || checked.check_policies());
         let sweeper = tokio::spawn(sweep(live.clone()));
         let driver_watch = shared.driver_watch.clone();
+        driver_watch.watching.store(true, Ordering::SeqCst);
         let watchdog = {
             let watch = driver_watch.clone();
             let slots = shared.lua_slots.clone();
@@ -879,7 +880,8 @@ async fn backoff(stop: &mut watch::Receiver<bool>, what: &str, e: std::io::Error
 pub struct DriverWatch {
     watching: AtomicBool,
     parked: AtomicBool,
-    thread: std::sync::OnceLock<std::thread::Thread>,
+    /// The watching thread, once it runs.
+    thread: std::sync::Mutex<Option<std::thread::Thread>>,
 }
 
 impl Default for DriverWatch {
@@ -887,7 +889,7 @@ impl Default for DriverWatch {
         DriverWatch {
             watching: AtomicBool::new(true),
             parked: AtomicBool::new(false),
-            thread: std::sync::OnceLock::new(),
+            thread: std::sync::Mutex::new(None),
         }
     }
 }
@@ -906,9 +908,15 @@ impl DriverWatch {
     }
 
     fn unpark(&self) {
-        if let Some(thread) = self.thread.get() {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(thread) = &*thread {
             thread.unpark();
         }
+    }
+
+    /// Makes the calling thread the watching one.
+    fn start(&self) {
+        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
     }
 
     /// Ends the watch (at shutdown).
@@ -932,7 +940,7 @@ fn watch_driver(
     workers: usize,
     watch: &DriverWatch,
 ) {
-    let _ = watch.thread.set(std::thread::current());
+    watch.start();
     let running = || lua_slots.available_permits() < workers;
     let mut idle = 0u32;
     while watch.watching.load(Ordering::SeqCst) {
