@@ -651,7 +651,17 @@ impl Writer {
                         self.counters
                             .queued_bytes
                             .fetch_sub(cost, Ordering::Relaxed);
-                        line.write(&mut self.batch);
+                        let start = self.batch.len();
+                        let batch = &mut self.batch;
+                        let written =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                line.write(batch)
+                            }));
+                        if written.is_err() {
+                            // A bug in one line's writing loses that line, not the writer.
+                            self.batch.truncate(start);
+                            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                         drop(line);
                         if self.batch.len() >= AUDIT_WRITE_CHUNK {
                             self.flush();
@@ -1021,6 +1031,46 @@ mod tests {
         drop(idle);
         // Every line written, plus the log_dropped line.
         assert_eq!(reader.join().unwrap(), lines - dropped + 1);
+    }
+
+    /// A request line whose writing fails half way.
+    struct Broken;
+
+    impl RequestLine for Broken {
+        fn write(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(b"{\"ts\":");
+            panic!("a bug while writing a line");
+        }
+
+        fn cost(&self) -> usize {
+            16
+        }
+    }
+
+    #[test]
+    fn a_line_that_fails_to_write_is_counted_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(Some(&path)).unwrap();
+        log.lifecycle("first", serde_json::json!({}));
+        log.emit_request(Box::new(Broken));
+        log.lifecycle("second", serde_json::json!({}));
+        log.close();
+        let lines = lines(&path);
+        let events: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
+        // The count comes before the next batch written after the loss.
+        let without: Vec<&str> = events
+            .iter()
+            .copied()
+            .filter(|e| *e != "log_dropped")
+            .collect();
+        assert_eq!(without, ["first", "second"], "{events:?}");
+        let dropped: Vec<_> = lines
+            .iter()
+            .filter(|l| l["event"] == "log_dropped")
+            .collect();
+        assert_eq!(dropped.len(), 1, "{events:?}");
+        assert_eq!(dropped[0]["count"], 1);
     }
 
     #[test]
