@@ -757,6 +757,7 @@ print_table() {
         done
     done
     echo "us = microseconds; /return and /php-best: req/s over that row's at the same connection count."
+    print_round_ratios
     echo -n "Replies (body 11 bytes in every row):"
     for i in "${!ROW_NAME[@]}"; do
         [[ -n ${ROW_WIRE[$i]:-} ]] && echo -n " ${ROW_NAME[i]}: ${ROW_WIRE[$i]};"
@@ -765,6 +766,30 @@ print_table() {
     echo "$(nproc) CPUs; load average before the runs: $START_LOAD, after: $END_LOAD"
 }
 
+
+# Each luafcgid row against the constant responder round by round: the rows of one round
+# ran minutes apart at most, so these ratios show how much of the best-of-rounds ratio
+# the machine's drift between rounds makes.
+print_round_ratios() {
+    local const_i="" i c k rps p50
+    for i in "${!ROW_NAME[@]}"; do [[ ${ROW_NAME[i]} == const ]] && const_i=$i; done
+    [[ -n $const_i ]] || return 0
+    echo "Round by round against const (req/s ratio; p50 ratio), rounds in order:"
+    for c in $CONNS; do
+        for i in "${!ROW_NAME[@]}"; do
+            [[ ${ROW_BACKEND[i]} == luafcgid && -z ${ROW_ERR[$i]:-} ]] || continue
+            k="$i,$c"
+            [[ -n ${R_RPS[$k]:-} && -n ${R_RPS[$const_i,$c]:-} ]] || continue
+            rps=$(paste -d' ' <(tr ' ' '\n' <<<"${R_RPS[$k]}" | awk NF) \
+                <(tr ' ' '\n' <<<"${R_RPS[$const_i,$c]}" | awk NF) |
+                awk '{ printf "%s%.2fx", (NR > 1 ? " " : ""), ($2 > 0 ? $1 / $2 : 0) }')
+            p50=$(paste -d' ' <(tr ' ' '\n' <<<"${R_P50[$k]}" | awk NF) \
+                <(tr ' ' '\n' <<<"${R_P50[$const_i,$c]}" | awk NF) |
+                awk '{ printf "%s%s", (NR > 1 ? " " : ""), ($2 > 0 && $1 != "-" ? sprintf("%.2fx", $1 / $2) : "-") }')
+            printf '  %-13s c=%-3s req/s %s; p50 %s\n' "${ROW_NAME[i]}" "$c" "$rps" "$p50"
+        done
+    done
+}
 
 # ---------------------------------------------------------------------------
 # Diagnostics: anything the daemons complained about.
