@@ -81,9 +81,9 @@ where
     let mut decoder = Decoder::new(shared.limits.clone());
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut out: Vec<u8> = Vec::new();
+    // Requests dispatched and not answered yet: at the `select!` only those queued for a
+    // state (an inline run's reply is queued at once), whose replies come on `rx`.
     let mut in_flight: HashMap<u16, InFlight> = HashMap::default();
-    // Requests queued for a state: their replies come on `rx`, which is polled only then.
-    let mut queued = 0usize;
     let mut resolved: HashMap<u16, Screened> = HashMap::default();
     let shutdown = shared.shutdown_signal();
     // One wait for the whole connection, polled only the first time (to register its
@@ -156,9 +156,8 @@ where
                                     policy,
                                 };
                                 decoder.finish(id);
-                                match dispatch(&shared, inc, answer, &tx, None) {
-                                    Some(reply) => out.extend_from_slice(&reply.bytes),
-                                    None => queued += 1,
+                                if let Some(reply) = dispatch(&shared, inc, answer, &tx, None) {
+                                    out.extend_from_slice(&reply.bytes);
                                 }
                                 continue;
                             }
@@ -210,13 +209,10 @@ where
                                 Arc::new(SocketProbe::new(stream.as_raw_fd(), Some(id)))
                                     as Arc<dyn ClientProbe + Send>
                             });
-                            match dispatch(&shared, inc, answer, &tx, inline) {
-                                Some(reply) => {
-                                    if !queue_reply(reply, &mut in_flight, &mut decoder, &mut out) {
-                                        closing = true;
-                                    }
+                            if let Some(reply) = dispatch(&shared, inc, answer, &tx, inline) {
+                                if !queue_reply(reply, &mut in_flight, &mut decoder, &mut out) {
+                                    closing = true;
                                 }
-                                None => queued += 1,
                             }
                         }
                         Event::Abort { id } => {
@@ -288,13 +284,12 @@ where
         tokio::select! {
             // In this order: finished replies go out before more requests are read.
             biased;
-            Some(reply) = rx.recv(), if queued > 0 => {
-                queued -= 1;
+            // Polled only while a reply can come: polling it cost every request 500 instructions.
+            Some(reply) = rx.recv(), if !in_flight.is_empty() => {
                 progress = Instant::now();
                 let mut keep = queue_reply(reply, &mut in_flight, &mut decoder, &mut out);
                 // Write what else is ready in the same syscall.
                 while let Ok(more) = rx.try_recv() {
-                    queued = queued.saturating_sub(1);
                     keep &= queue_reply(more, &mut in_flight, &mut decoder, &mut out);
                 }
                 if write_out(&mut stream, &mut out, read_timeout).await.is_err() {

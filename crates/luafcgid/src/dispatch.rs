@@ -178,7 +178,6 @@ impl RequestLine for Line {
     fn cost(&self) -> usize {
         std::mem::size_of::<Line>()
             + self.params.heap_size()
-            + self.audit.request_id.len()
             + self.audit.error.as_ref().map_or(0, String::len)
     }
 }
