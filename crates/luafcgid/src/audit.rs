@@ -1033,6 +1033,53 @@ mod tests {
         assert_eq!(reader.join().unwrap(), lines - dropped + 1);
     }
 
+    /// A request line holding `cost` bytes, written as one line of that much text.
+    struct Heavy(usize);
+
+    impl RequestLine for Heavy {
+        fn write(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(b"{\"text\":\"");
+            out.resize(out.len() + self.0, b'x');
+            out.extend_from_slice(b"\"}\n");
+        }
+
+        fn cost(&self) -> usize {
+            self.0
+        }
+    }
+
+    #[test]
+    fn queued_request_lines_count_the_bytes_they_hold() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success());
+        // A reader that reads nothing: the writer blocks once the pipe is full.
+        let idle = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let log = AuditLog::open(Some(&fifo)).unwrap();
+        let size = 1 << 20;
+        let lines = 2 * AUDIT_QUEUE_BYTES / size;
+        for _ in 0..lines {
+            log.emit_request(Box::new(Heavy(size)));
+        }
+        // Far fewer lines than AUDIT_QUEUE_LINES, but more bytes than AUDIT_QUEUE_BYTES.
+        let dropped = log.dropped() as usize;
+        assert!(dropped >= lines / 2 - 2, "{dropped} of {lines}");
+        drop(idle);
+        // A reader drains the pipe: the writer writes what it kept and stops.
+        let reader = std::thread::spawn(move || {
+            let mut f = std::fs::File::open(fifo).unwrap();
+            std::io::copy(&mut f, &mut std::io::sink()).unwrap()
+        });
+        log.close();
+        reader.join().unwrap();
+    }
+
     /// A request line whose writing fails half way.
     struct Broken;
 

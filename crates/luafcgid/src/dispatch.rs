@@ -742,6 +742,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_queued_line_counts_the_params_it_holds() {
+        let mut raw = Vec::new();
+        fastcgi_protocol::encode_pair(b"REQUEST_URI", &vec![b'u'; 100_000], &mut raw);
+        let params = Params::decode(raw).unwrap();
+        let held = params.heap_size();
+        let line = Line {
+            at: Duration::ZERO,
+            params,
+            fields: [None, None, Some(0)],
+            peer: Arc::from("127.0.0.1"),
+            duration_us: 0,
+            bytes_in: 0,
+            audit: Audit {
+                request_id: RequestIds::default().next_id(),
+                script: None,
+                effective: None,
+                status: Some(200),
+                outcome: Outcome::Ok,
+                instructions: None,
+                memory: None,
+                bytes_out: None,
+                state: None,
+                error: Some("e".repeat(5_000)),
+            },
+        };
+        assert!(
+            line.cost() >= held + 5_000,
+            "{} < {}",
+            line.cost(),
+            held + 5_000
+        );
+        let mut out = Vec::new();
+        line.write(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["uri"].as_str().unwrap().len(), AUDIT_TEXT_MAX);
+        assert_eq!(v["client"], "127.0.0.1");
+    }
+
+    #[test]
     fn a_run_apart_pauses_only_when_requests_came_in_since_it_last_looked() {
         let ids = Arc::new(RequestIds::default());
         let probe = Apart::new(ids.clone());
