@@ -993,19 +993,25 @@ mod tests {
         assert_eq!(log.dropped(), 0);
     }
 
-    #[test]
-    fn the_queue_is_bounded_in_bytes() {
+    /// A fifo in `dir`, and a reader of it that reads nothing: a writer blocks once the
+    /// pipe is full.
+    fn idle_fifo(dir: &Path) -> (PathBuf, std::fs::File) {
         use std::os::unix::fs::OpenOptionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("fifo");
+        let fifo = dir.join("fifo");
         let made = std::process::Command::new("mkfifo").arg(&fifo).status();
         assert!(made.unwrap().success());
-        // A reader that reads nothing: the writer blocks once the pipe is full.
         let idle = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(&fifo)
             .unwrap();
+        (fifo, idle)
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fifo, idle) = idle_fifo(dir.path());
         let log = AuditLog::open(Some(&fifo)).unwrap();
         let big = "x".repeat(1 << 20);
         let lines = 2 * AUDIT_QUEUE_BYTES / big.len();
@@ -1050,17 +1056,8 @@ mod tests {
 
     #[test]
     fn queued_request_lines_count_the_bytes_they_hold() {
-        use std::os::unix::fs::OpenOptionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("fifo");
-        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
-        assert!(made.unwrap().success());
-        // A reader that reads nothing: the writer blocks once the pipe is full.
-        let idle = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo)
-            .unwrap();
+        let (fifo, idle) = idle_fifo(dir.path());
         let log = AuditLog::open(Some(&fifo)).unwrap();
         let size = 1 << 20;
         let lines = 2 * AUDIT_QUEUE_BYTES / size;
