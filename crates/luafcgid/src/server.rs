@@ -659,6 +659,18 @@ impl Server {
                 "core": limits.and_then(|l| l.core),
             }),
         );
+        // Started before the first accept, so that it watches from the first request on.
+        let driver_watch = shared.driver_watch.clone();
+        driver_watch.watching.store(true, Ordering::SeqCst);
+        let watchdog = {
+            let watch = driver_watch.clone();
+            let slots = shared.lua_slots.clone();
+            let workers = shared.config.workers;
+            let handle = tokio::runtime::Handle::current();
+            std::thread::Builder::new()
+                .name("driver-watch".into())
+                .spawn(move || watch_driver(handle, slots, workers, &watch))?
+        };
         for l in listeners {
             let accepting = Accepting {
                 live: live.clone(),
@@ -691,17 +703,6 @@ impl Server {
         let checked = shared.clone();
         tokio::task::spawn_blocking(move || checked.check_policies());
         let sweeper = tokio::spawn(sweep(live.clone()));
-        let driver_watch = shared.driver_watch.clone();
-        driver_watch.watching.store(true, Ordering::SeqCst);
-        let watchdog = {
-            let watch = driver_watch.clone();
-            let slots = shared.lua_slots.clone();
-            let workers = shared.config.workers;
-            let handle = tokio::runtime::Handle::current();
-            std::thread::Builder::new()
-                .name("driver-watch".into())
-                .spawn(move || watch_driver(handle, slots, workers, &watch))?
-        };
         // Not kept: a reload must be able to free the states of the configuration it
         // replaces.
         drop(shared);

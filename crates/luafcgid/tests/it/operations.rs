@@ -501,21 +501,26 @@ fn on_one_cpu_two_workers_keep_a_flooding_tenant_from_holding_them_all() {
     );
 }
 
-/// Voluntary context switches of the thread of `pid` named `name`.
+/// Voluntary context switches of the thread of `pid` named `name`, once it is there (a
+/// thread takes its name from inside, just after it starts).
 fn switches_of_thread(pid: u32, name: &str) -> u64 {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        if comm.trim_end() == name {
-            let status = std::fs::read_to_string(task.join("status")).unwrap();
-            let line = status
-                .lines()
-                .find(|l| l.starts_with("voluntary_ctxt_switches:"))
-                .unwrap();
-            return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let t = Instant::now();
+    loop {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let task = task.unwrap().path();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if comm.trim_end() == name {
+                let status = std::fs::read_to_string(task.join("status")).unwrap();
+                let line = status
+                    .lines()
+                    .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+                    .unwrap();
+                return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            }
         }
+        assert!(t.elapsed() < BOUND, "no thread {name} in process {pid}");
+        std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("no thread {name} in process {pid}");
 }
 
 #[test]
