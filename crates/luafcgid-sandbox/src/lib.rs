@@ -108,6 +108,13 @@ pub trait ClientProbe: Sync {
     fn pause(&self) -> Duration {
         Duration::ZERO
     }
+
+    /// True when the client is known to have gone away; unlike [`ClientProbe::gone`],
+    /// asked by the daemon (before it runs a request that waited for a state), never by
+    /// the hook, and with no side effect. The default: no.
+    fn left(&self) -> bool {
+        false
+    }
 }
 
 /// The longest pause [`ClientProbe::pause`] may ask for at a time.

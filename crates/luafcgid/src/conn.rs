@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant as TokioInstant;
 
-use crate::dispatch::{dispatch, Framing, Incoming, Reply};
+use crate::dispatch::{dispatch, Dispatched, Framing, Incoming, Reply};
 use crate::probe::SocketProbe;
 use crate::ratelimit::Verdict;
 use crate::resolve::{Refusal, Script};
@@ -156,8 +156,11 @@ where
                                     policy,
                                 };
                                 decoder.finish(id);
-                                if let Some(reply) = dispatch(&shared, inc, answer, &tx, None) {
-                                    out.extend_from_slice(&reply.bytes);
+                                match dispatch(&shared, inc, answer, None) {
+                                    Dispatched::Now(reply) => out.extend_from_slice(&reply.bytes),
+                                    // Not for a limited request; were it queued, its
+                                    // reply would still come.
+                                    Dispatched::Queued(queued) => queued.spawn(&tx),
                                 }
                                 continue;
                             }
@@ -209,7 +212,17 @@ where
                                 Arc::new(SocketProbe::new(stream.as_raw_fd(), Some(id)))
                                     as Arc<dyn ClientProbe + Send>
                             });
-                            if let Some(reply) = dispatch(&shared, inc, answer, &tx, inline) {
+                            let reply = match dispatch(&shared, inc, answer, inline) {
+                                Dispatched::Now(reply) => Some(reply),
+                                // Nothing else to do meanwhile: it waits for its state
+                                // here, without a task and a hand-off of its own.
+                                Dispatched::Queued(queued) if alone => queued.wait().await,
+                                Dispatched::Queued(queued) => {
+                                    queued.spawn(&tx);
+                                    None
+                                }
+                            };
+                            if let Some(reply) = reply {
                                 if !queue_reply(reply, &mut in_flight, &mut decoder, &mut out) {
                                     closing = true;
                                 }

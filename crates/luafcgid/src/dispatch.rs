@@ -5,9 +5,10 @@
 //!
 //! Admission takes two permits: one of the script's `clones` and one of the `workers` Lua
 //! slots. When both are free at once the request runs right away on the calling thread (the
-//! common, fast path: no hand-off between threads). Otherwise a small task waits for them at
-//! most `queue_timeout`, with at most `queue_max` requests waiting in all, and answers 503
-//! `shed` beyond either. The runtime has one thread more than there are Lua slots, so
+//! common, fast path: no hand-off between threads). Otherwise the request waits for them at
+//! most `queue_timeout` (in its connection's task when the connection has nothing else to
+//! do, else in a small task of its own), with at most `queue_max` requests waiting in all,
+//! and is answered 503 `shed` beyond either. The runtime has one thread more than there are Lua slots, so
 //! however many requests are in Lua, a thread is always left to accept connections, answer
 //! management records and reject requests. A script whose runs take long (see
 //! [`SLOW_WINDOW`]) never runs inline: its requests wait for their permits and run on a
@@ -27,6 +28,7 @@ use luafcgid_sandbox::{
     ClientProbe, Failure, Limits, RequestData, RequestInput, ScriptState, StateOptions,
 };
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Semaphore;
 
 use crate::admission::Full;
 use crate::audit::{truncate, PolicyFiles, RequestEvent, RequestLine, AUDIT_TEXT_MAX};
@@ -320,15 +322,14 @@ const SHED_RETRY_AFTER: u64 = 1;
 
 /// Runs a request: answers it early when it cannot run, runs it at once on this thread
 /// when `inline` is given (the caller's connection has nothing else to do meanwhile; the
-/// probe watches its socket) and a state and a Lua slot are free, else queues it. Returns
-/// the reply when it is ready now; a queued request's reply arrives later on `tx`.
+/// probe watches its socket) and a state and a Lua slot are free, else gives it back
+/// queued, holding its place in the waiting room.
 pub fn dispatch(
     shared: &Arc<Shared>,
     mut inc: Incoming,
     resolved: Result<Arc<Script>, Refusal>,
-    tx: &ReplyTx,
     inline: Option<Arc<dyn ClientProbe + Send>>,
-) -> Option<Reply> {
+) -> Dispatched {
     let script = match resolved {
         Ok(s) => s,
         Err(refusal) => {
@@ -339,7 +340,7 @@ pub fn dispatch(
                 Refusal::Unavailable(w) => (Outcome::Shed, w),
             };
             let retry_after = (outcome == Outcome::Shed).then_some(SHED_RETRY_AFTER);
-            return Some(answer_early(
+            return Dispatched::Now(answer_early(
                 shared,
                 &mut inc,
                 None,
@@ -359,7 +360,7 @@ pub fn dispatch(
         Resolution::Denied(e) => {
             let why = "denied by policy";
             let e = Some(&e);
-            return Some(answer_early(
+            return Dispatched::Now(answer_early(
                 shared,
                 &mut inc,
                 Some(&script),
@@ -371,7 +372,7 @@ pub fn dispatch(
         }
         Resolution::Invalid(problem) => {
             let why = problem.to_string();
-            return Some(answer_early(
+            return Dispatched::Now(answer_early(
                 shared,
                 &mut inc,
                 Some(&script),
@@ -383,7 +384,7 @@ pub fn dispatch(
         }
         Resolution::Outside => {
             let why = "outside the document roots";
-            return Some(answer_early(
+            return Dispatched::Now(answer_early(
                 shared,
                 &mut inc,
                 Some(&script),
@@ -401,7 +402,7 @@ pub fn dispatch(
     };
     if let Verdict::Limited { limit, retry_after } = rate {
         shared.metrics.rate_limited(limit);
-        return Some(answer_early(
+        return Dispatched::Now(answer_early(
             shared,
             &mut inc,
             Some(&script),
@@ -412,7 +413,7 @@ pub fn dispatch(
         ));
     }
     if inc.body_exceeded || inc.body_len > policy.body {
-        return Some(answer_early(
+        return Dispatched::Now(answer_early(
             shared,
             &mut inc,
             Some(&script),
@@ -425,18 +426,20 @@ pub fn dispatch(
     let admission = shared.pool.admission(&script.key, policy.clones);
     let (clones, slow) = (admission.permits, admission.slow);
     let tenant = shared.tenants.of(&effective.tenant);
-    if let Some(probe) = inline.filter(|_| !slow) {
+    let mut probe = inline;
+    if let Some(p) = probe.take_if(|_| !slow) {
         // Borrowed permits: the run ends before this function returns.
         if let Ok(own) = tenant.try_acquire() {
             if let Ok(clone) = clones.try_acquire() {
                 if let Ok(slot) = shared.lua_slots.try_acquire() {
                     shared.driver_watch.run_started();
-                    let reply = run(shared, &mut inc, script, effective, Some(probe));
+                    let reply = run(shared, &mut inc, script, effective, Some(p));
                     drop((slot, clone, own));
-                    return Some(reply);
+                    return Dispatched::Now(reply);
                 }
             }
         }
+        probe = Some(p);
     }
     if let Err(full) = shared.waiting.enter(&script.key) {
         shared.metrics.shed(ShedReason::from(full));
@@ -444,7 +447,7 @@ pub fn dispatch(
             Full::All => "too many requests waiting",
             Full::Script => "too many requests for this script waiting",
         };
-        return Some(answer_early(
+        return Dispatched::Now(answer_early(
             shared,
             &mut inc,
             Some(&script),
@@ -454,9 +457,73 @@ pub fn dispatch(
             Some(why),
         ));
     }
-    let shared = shared.clone();
-    let tx = tx.clone();
-    tokio::spawn(async move {
+    Dispatched::Queued(Queued {
+        inc,
+        effective,
+        tenant,
+        clones,
+        slow,
+        probe,
+        place: Place {
+            shared: shared.clone(),
+            script,
+        },
+    })
+}
+
+/// What [`dispatch`] did with a request.
+#[derive(Debug)]
+pub enum Dispatched {
+    /// Answered now: early, or run at once.
+    Now(Reply),
+    /// It must wait for a state: the caller awaits [`Queued::wait`] (a caller that gave a
+    /// probe, whose connection has nothing else to do meanwhile) or hands it to
+    /// [`Queued::spawn`].
+    Queued(Queued),
+}
+
+/// A request waiting for its permits. Its place in the waiting room is held until it has
+/// them or gives up, and given back if it is dropped.
+#[derive(Debug)]
+pub struct Queued {
+    inc: Incoming,
+    effective: Arc<Effective>,
+    tenant: Arc<Semaphore>,
+    clones: Arc<Semaphore>,
+    slow: bool,
+    /// The caller's probe of its client, for a wait in place.
+    probe: Option<Arc<dyn ClientProbe + Send>>,
+    place: Place,
+}
+
+/// A request's place in the waiting room.
+#[derive(Debug)]
+struct Place {
+    shared: Arc<Shared>,
+    script: Arc<Script>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.shared.waiting.leave(&self.script.key);
+    }
+}
+
+impl Queued {
+    /// Waits for the permits (at most `queue_timeout`), then runs the request, or answers
+    /// it `shed`. `None` only when a run apart panicked (a bug: as on a runtime thread, only
+    /// its request ends).
+    pub async fn wait(self) -> Option<Reply> {
+        let Queued {
+            mut inc,
+            effective,
+            tenant,
+            clones,
+            slow,
+            probe,
+            place,
+        } = self;
+        let (shared, script) = (place.shared.clone(), place.script.clone());
         // The tenant's permit first: the requests of a tenant at its cap wait there, not in
         // the queue for a Lua slot, where they would be ahead of other tenants' requests.
         let permits = tokio::time::timeout(shared.config.queue_timeout, async {
@@ -467,33 +534,36 @@ pub fn dispatch(
             Some((slot, clone, own))
         })
         .await;
-        shared.waiting.leave(&script.key);
+        drop(place);
         if !matches!(permits, Ok(Some(_))) {
             shared.metrics.shed(ShedReason::QueueTimeout);
         }
-        let reply = match permits {
+        Some(match permits {
             Ok(Some(permits)) if slow => {
                 // Away from the threads that serve connections: a run of a slow script
                 // there would hold one of them for as long as it runs.
                 shared.metrics.ran_apart();
                 let apart = shared.clone();
                 let reply = tokio::task::spawn_blocking(move || {
-                    let mut inc = inc;
                     let probe = Arc::new(Apart::new(apart.ids.clone()));
                     let reply = run(&apart, &mut inc, script, effective, Some(probe));
                     drop(permits);
                     reply
                 })
                 .await;
-                match reply {
-                    Ok(reply) => reply,
-                    // The run panicked (a bug): as on a runtime thread, only its task ends.
-                    Err(_) => return,
-                }
+                reply.ok()?
             }
             Ok(Some(permits)) => {
-                let mut inc = inc;
-                let probe = Arc::new(SocketProbe::runtime_only());
+                // A client that left while its request waited is not run for.
+                let probe = match probe {
+                    Some(p) => {
+                        if p.left() {
+                            inc.abort.store(true, Ordering::Relaxed);
+                        }
+                        p
+                    }
+                    None => Arc::new(SocketProbe::runtime_only()),
+                };
                 let reply = run(&shared, &mut inc, script, effective, Some(probe));
                 drop(permits);
                 reply
@@ -507,10 +577,20 @@ pub fn dispatch(
                 Some(SHED_RETRY_AFTER),
                 Some("waited too long for a state"),
             ),
-        };
-        let _ = tx.send(reply);
-    });
-    None
+        })
+    }
+
+    /// Waits in a task of its own; the reply comes on `tx`.
+    pub fn spawn(mut self, tx: &ReplyTx) {
+        // The caller's connection goes on meanwhile and watches its client itself.
+        self.probe = None;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Some(reply) = self.wait().await {
+                let _ = tx.send(reply);
+            }
+        });
+    }
 }
 
 /// Builds the sandbox options of a script under its effective policy.

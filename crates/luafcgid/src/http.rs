@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::dispatch::{dispatch, Framing, Incoming};
+use crate::dispatch::{dispatch, Dispatched, Framing, Incoming};
 use crate::probe::SocketProbe;
 use crate::server::Shared;
 use luafcgid_sandbox::ClientProbe;
@@ -200,23 +200,25 @@ async fn serve(
         let inline = buf.is_empty().then(|| {
             Arc::new(SocketProbe::new(stream.as_raw_fd(), None)) as Arc<dyn ClientProbe + Send>
         });
-        let reply = if let Some(reply) = dispatch(&shared, inc, script, &tx, inline) {
-            Some(reply)
-        } else {
-            tokio::select! {
-            r = rx.recv() => r,
-            _ = stream.readable() => {
-                // The client sent more or closed while we worked; for a closed peer stop Lua.
-                let mut probe = [0u8; 1];
-                match stream.try_read(&mut probe) {
-                    Ok(0) => {
-                        abort.store(true, std::sync::atomic::Ordering::Relaxed);
-                        return Ok(());
+        let reply = match dispatch(&shared, inc, script, inline) {
+            Dispatched::Now(reply) => Some(reply),
+            Dispatched::Queued(queued) => {
+                queued.spawn(&tx);
+                tokio::select! {
+                r = rx.recv() => r,
+                _ = stream.readable() => {
+                    // The client sent more or closed while we worked; for a closed peer stop Lua.
+                    let mut probe = [0u8; 1];
+                    match stream.try_read(&mut probe) {
+                        Ok(0) => {
+                            abort.store(true, std::sync::atomic::Ordering::Relaxed);
+                            return Ok(());
+                        }
+                        Ok(_) => { buf.push(probe[0]); rx.recv().await }
+                        Err(_) => rx.recv().await,
                     }
-                    Ok(_) => { buf.push(probe[0]); rx.recv().await }
-                    Err(_) => rx.recv().await,
                 }
-            }
+                }
             }
         };
         let Some(reply) = reply else { return Ok(()) };

@@ -14,10 +14,10 @@ use std::time::Instant;
 
 use fastcgi_protocol::{encode_pair, Params};
 use luafcgid_sandbox::ClientProbe;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::dispatch::{dispatch, Framing, Incoming};
+use crate::dispatch::{dispatch, Dispatched, Framing, Incoming};
 use crate::outcome::Outcome;
 use crate::server::{ServeError, Shared};
 
@@ -80,10 +80,9 @@ pub fn run_one(config: Config, req: &OneRequest) -> Result<OneReply, ServeError>
         .enable_all()
         .build()?;
     let reply = runtime.block_on(async {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        match dispatch(&shared, inc, resolved, &tx, Some(Arc::new(Present))) {
-            Some(reply) => Some(reply),
-            None => rx.recv().await,
+        match dispatch(&shared, inc, resolved, Some(Arc::new(Present))) {
+            Dispatched::Now(reply) => Some(reply),
+            Dispatched::Queued(queued) => queued.wait().await,
         }
     });
     shared.audit.close();

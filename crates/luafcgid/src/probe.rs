@@ -69,6 +69,10 @@ impl ClientProbe for SocketProbe {
         if !self.handed_off.swap(true, Ordering::Relaxed) {
             wake_an_idle_thread();
         }
+        self.left()
+    }
+
+    fn left(&self) -> bool {
         let Some(fd) = self.fd else {
             return false;
         };

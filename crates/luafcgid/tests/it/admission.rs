@@ -98,3 +98,103 @@ fn one_script_cannot_take_every_place_in_the_queue() {
         "too many requests for this script waiting"
     );
 }
+
+#[test]
+fn a_request_whose_client_left_while_it_waited_is_not_run() {
+    // The tenant's only worker is busy, so a second request of the tenant waits on its
+    // connection. Its client hangs up meanwhile: when the worker is free, that request ends
+    // `aborted` without running (hello would otherwise run, and end `ok`, at once).
+    let slow = spin(1.0);
+    let mut d = Daemon::start(
+        "queue_timeout_ms = 20000",
+        &[
+            (
+                "t/policy.toml",
+                "timeout_ms = 20000\ninstructions = 100_000_000_000",
+            ),
+            ("t/slow.lua", &slow),
+            ("t/hello.lua", HELLO),
+        ],
+    );
+    std::thread::scope(|s| {
+        let running = s.spawn(|| d.get("t/slow.lua"));
+        d.wait_leased(1);
+        let mut c = d.client();
+        c.send(&Client::encode(
+            1,
+            true,
+            &params_for(&d.script("t/hello.lua"), "GET", &[]),
+            b"",
+        ));
+        let t = std::time::Instant::now();
+        while d.shared.waiting.waiting() < 1 {
+            assert!(t.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::yield_now();
+        }
+        drop(c);
+        assert_eq!(running.join().unwrap().status, 200);
+    });
+    let lines = d.stop();
+    let outcome_of = |script: &str| -> Vec<serde_json::Value> {
+        requests(&lines)
+            .into_iter()
+            .filter(|l| l["script"] == script)
+            .map(|l| l["outcome"].clone())
+            .collect()
+    };
+    assert_eq!(outcome_of("t/slow.lua"), ["ok"]);
+    assert_eq!(outcome_of("t/hello.lua"), ["aborted"]);
+}
+
+#[test]
+fn a_waiting_request_dropped_before_its_turn_gives_its_place_back() {
+    // A request waiting in its connection's task holds a place in the queue; if that task
+    // ends before the request's turn (the runtime shutting down), the place is freed.
+    use luafcgid::dispatch::{dispatch, Dispatched, Framing, Incoming};
+    let slow = spin(1.0);
+    let d = Daemon::start(
+        "queue_timeout_ms = 20000",
+        &[
+            (
+                "t/policy.toml",
+                "timeout_ms = 20000\ninstructions = 100_000_000_000",
+            ),
+            ("t/slow.lua", &slow),
+            ("t/hello.lua", HELLO),
+        ],
+    );
+    std::thread::scope(|s| {
+        let running = s.spawn(|| d.get("t/slow.lua"));
+        d.wait_leased(1);
+        let script = d.script("t/hello.lua");
+        let mut raw = Vec::new();
+        for (k, v) in params_for(&script, "GET", &[]) {
+            fastcgi_protocol::encode_pair(k.as_bytes(), v.as_bytes(), &mut raw);
+        }
+        let inc = Incoming {
+            framing: Framing::FastCgi { id: 1 },
+            keep_conn: true,
+            params: fastcgi_protocol::Params::decode(raw).unwrap(),
+            body: Vec::new(),
+            body_len: 0,
+            body_exceeded: false,
+            peer: std::sync::Arc::from("127.0.0.1"),
+            abort: Default::default(),
+            received: std::time::Instant::now(),
+            rate: luafcgid::ratelimit::Verdict::Unchecked,
+            policy: None,
+        };
+        let resolved = d.shared.resolver.resolve(Some(script.as_bytes()));
+        let Dispatched::Queued(queued) = dispatch(&d.shared, inc, resolved, None) else {
+            panic!("the tenant's worker is busy: the request must wait")
+        };
+        assert_eq!(d.shared.waiting.waiting(), 1);
+        drop(queued);
+        assert_eq!(
+            d.shared.waiting.waiting(),
+            0,
+            "the place was not given back"
+        );
+        assert_eq!(running.join().unwrap().status, 200);
+    });
+}
