@@ -101,6 +101,9 @@ where
     tokio::pin!(stop);
     let (read_timeout, idle_timeout) = (shared.config.read_timeout, shared.config.idle_timeout);
     let mut progress = Instant::now();
+    // When bytes were last read: every request decoded since was received then (one clock
+    // read per read, shared by what it brought).
+    let mut read_at = progress;
     let mut closing = false;
     // One timer per connection, moved only when a deadline comes closer; when it fires
     // early (the connection made progress since), it is re-armed. A keep-alive connection
@@ -128,7 +131,7 @@ where
                             let params = decoder.params(id);
                             let answer = shared
                                 .resolver
-                                .resolve(params.and_then(|p| p.get(b"SCRIPT_FILENAME")));
+                                .resolve(params.and_then(|p| p.get(b"SCRIPT_FILENAME")), read_at);
                             let (limit, rate, policy) = match &answer {
                                 Ok(script) => {
                                     let (limit, rate, policy) =
@@ -151,7 +154,7 @@ where
                                     body_exceeded: false,
                                     peer: peer.clone(),
                                     abort: Arc::new(AtomicBool::new(false)),
-                                    received: Instant::now(),
+                                    received: read_at,
                                     rate,
                                     policy,
                                 };
@@ -168,7 +171,7 @@ where
                             resolved.insert(id, (answer, rate, policy));
                         }
                         Event::Request(req) => {
-                            let now = Instant::now();
+                            let now = read_at;
                             progress = now;
                             let id = req.id;
                             let abort = Arc::new(AtomicBool::new(false));
@@ -216,7 +219,11 @@ where
                                 Dispatched::Now(reply) => Some(reply),
                                 // Nothing else to do meanwhile: it waits for its state
                                 // here, without a task and a hand-off of its own.
-                                Dispatched::Queued(queued) if alone => queued.wait().await,
+                                Dispatched::Queued(queued)
+                                    if alone && queued.may_wait_in_place() =>
+                                {
+                                    queued.wait().await
+                                }
                                 Dispatched::Queued(queued) => {
                                     queued.spawn(&tx);
                                     None
@@ -319,8 +326,9 @@ where
                 match r {
                     Ok(0) | Err(_) => break 'conn,
                     Ok(_) => {
+                        read_at = Instant::now();
                         if !assembling && in_flight.is_empty() {
-                            progress = Instant::now();
+                            progress = read_at;
                         }
                     }
                 }

@@ -477,8 +477,8 @@ pub enum Dispatched {
     /// Answered now: early, or run at once.
     Now(Reply),
     /// It must wait for a state: the caller awaits [`Queued::wait`] (a caller that gave a
-    /// probe, whose connection has nothing else to do meanwhile) or hands it to
-    /// [`Queued::spawn`].
+    /// probe, whose connection has nothing else to do meanwhile, when
+    /// [`Queued::may_wait_in_place`]) or hands it to [`Queued::spawn`].
     Queued(Queued),
 }
 
@@ -510,6 +510,13 @@ impl Drop for Place {
 }
 
 impl Queued {
+    /// Whether the caller may await [`Queued::wait`] in its connection's task. Not for a
+    /// slow script: its run goes apart, where nothing but the connection task (then busy
+    /// awaiting it) would notice that the client left.
+    pub fn may_wait_in_place(&self) -> bool {
+        !self.slow
+    }
+
     /// Waits for the permits (at most `queue_timeout`), then runs the request, or answers
     /// it `shed`. `None` only when a run apart panicked (a bug: as on a runtime thread, only
     /// its request ends).

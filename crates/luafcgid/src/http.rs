@@ -127,12 +127,12 @@ async fn serve(
         buf.drain(..head_len);
         let docroot = &config.docroots[0];
         let filename = format!("{}{}", docroot.display(), path);
-        let script = shared.resolver.resolve(Some(filename.as_bytes()));
+        let received = Instant::now();
+        let script = shared.resolver.resolve(Some(filename.as_bytes()), received);
         let limit = match &script {
             Ok(s) => shared.body_limit(s),
             Err(_) => 0,
         };
-        let received = Instant::now();
         let body_exceeded = content_length > limit;
         if body_exceeded {
             // Answer without reading the body, then close: the unread body ends the exchange.

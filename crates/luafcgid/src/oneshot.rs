@@ -62,7 +62,7 @@ pub fn run_one(config: Config, req: &OneRequest) -> Result<OneReply, ServeError>
         .map_err(|e| ServeError::Io(std::io::Error::other(e.to_string())))?;
     let resolved = shared
         .resolver
-        .resolve(Some(script.as_os_str().as_encoded_bytes()));
+        .resolve(Some(script.as_os_str().as_encoded_bytes()), Instant::now());
     let inc = Incoming {
         framing: Framing::Cgi,
         keep_conn: false,

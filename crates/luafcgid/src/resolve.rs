@@ -127,8 +127,8 @@ impl Resolver {
         self.roots.iter().map(|r| r.real.as_path())
     }
 
-    /// Resolves a `SCRIPT_FILENAME` value (cached).
-    pub fn resolve(&self, script_filename: Option<&[u8]>) -> Answer {
+    /// Resolves a `SCRIPT_FILENAME` value (cached) received at `now`.
+    pub fn resolve(&self, script_filename: Option<&[u8]>, now: Instant) -> Answer {
         let Some(raw) = script_filename else {
             return Err(Refusal::BadRequest("no SCRIPT_FILENAME"));
         };
@@ -139,7 +139,6 @@ impl Resolver {
         if name.len() > MAX_SCRIPT_PATH || name.contains(&0) {
             return Err(Refusal::BadRequest("malformed SCRIPT_FILENAME"));
         }
-        let now = Instant::now();
         {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((answer, at)) = cache.get(name) {

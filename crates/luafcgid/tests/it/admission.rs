@@ -184,7 +184,10 @@ fn a_waiting_request_dropped_before_its_turn_gives_its_place_back() {
             rate: luafcgid::ratelimit::Verdict::Unchecked,
             policy: None,
         };
-        let resolved = d.shared.resolver.resolve(Some(script.as_bytes()));
+        let resolved = d
+            .shared
+            .resolver
+            .resolve(Some(script.as_bytes()), std::time::Instant::now());
         let Dispatched::Queued(queued) = dispatch(&d.shared, inc, resolved, None) else {
             panic!("the tenant's worker is busy: the request must wait")
         };

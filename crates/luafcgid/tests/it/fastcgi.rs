@@ -331,6 +331,40 @@ fn closed_connection_stops_lua() {
 }
 
 #[test]
+fn closed_connection_stops_a_slow_script_run_apart() {
+    // The first run is long, which marks the script slow: the next runs apart from the
+    // connection threads, where only the connection task can see its client hang up.
+    let mut d = Daemon::start(
+        "[defaults]\ntimeout_ms = 20000\ninstructions = 100000000000\n",
+        &[(
+            "spin.lua",
+            "n = 0\nfunction handler()\n  n = n + 1\n  local t = os.clock()\n  \
+             while n > 1 or os.clock() - t < 0.05 do end\n  return 'warm'\nend\n",
+        )],
+    );
+    assert_eq!(d.get("spin.lua").text(), "warm");
+    let started = Instant::now();
+    {
+        let mut c = d.client();
+        c.send(&Client::encode(
+            1,
+            true,
+            &params_for(&d.script("spin.lua"), "GET", &[]),
+            b"",
+        ));
+        d.wait_leased(1);
+    }
+    d.wait_leased_at_most(0);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let lines = d.stop();
+    let outcomes: Vec<_> = requests(&lines)
+        .iter()
+        .map(|r| r["outcome"].clone())
+        .collect();
+    assert_eq!(outcomes, ["ok", "aborted"]);
+}
+
+#[test]
 fn malformed_records_close_only_that_connection() {
     let d = Daemon::start("", &[("hello.lua", HELLO)]);
     let cases: Vec<Vec<u8>> = vec![
