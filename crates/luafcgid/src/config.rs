@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use luafcgid_policy::{
@@ -182,7 +183,8 @@ pub struct Config {
     /// Most Lua workers one tenant may hold at once (default: `workers - 1`, at least 1), so
     /// a tenant flooding the daemon with slow requests never holds every worker.
     pub tenant_workers: usize,
-    pub client_key: String,
+    /// The param that names the client (for rate limits and the audit log).
+    pub client_key: Arc<str>,
     pub rate_global: Option<Rate>,
     pub max_connections: usize,
     pub max_params: usize,
@@ -465,7 +467,7 @@ impl RawConfig {
             .unwrap_or_else(|| "text/html".into());
         parse_header_line(&format!("Content-Type: {default_content_type}"))
             .map_err(|m| e("default_content_type", m))?;
-        let client_key = self.client_key.unwrap_or_else(|| "REMOTE_ADDR".into());
+        let client_key: Arc<str> = self.client_key.as_deref().unwrap_or("REMOTE_ADDR").into();
         let mut ceiling = builtin_ceiling();
         if let Some(c) = &self.ceiling {
             ceiling.apply(c).map_err(|m| e("ceiling", m.to_string()))?;

@@ -134,8 +134,8 @@ struct Line {
     at: Duration,
     /// The request's params, where its client key, method and URI are read.
     params: Params,
-    /// Where those three are among `params`.
-    fields: [Option<usize>; 3],
+    /// The name of the client key's param.
+    client_key: Arc<str>,
     peer: Arc<str>,
     duration_us: u64,
     bytes_in: u64,
@@ -144,7 +144,15 @@ struct Line {
 
 impl RequestLine for Line {
     fn write(&self, out: &mut Vec<u8>) {
-        let [client, method, uri] = self.fields.map(|i| {
+        let fields = first_positions(
+            &self.params,
+            [
+                self.client_key.as_bytes(),
+                b"REQUEST_METHOD",
+                b"REQUEST_URI",
+            ],
+        );
+        let [client, method, uri] = fields.map(|i| {
             i.and_then(|i| self.params.pair(i))
                 .map(|(_, v)| log_text(v))
         });
@@ -193,18 +201,10 @@ fn emit(shared: &Shared, inc: &mut Incoming, mut audit: Audit) {
         let kept = truncate(error).len();
         error.truncate(kept);
     }
-    let fields = first_positions(
-        &inc.params,
-        [
-            shared.config.client_key.as_bytes(),
-            b"REQUEST_METHOD",
-            b"REQUEST_URI",
-        ],
-    );
     shared.audit.emit_request(Box::new(Line {
         at: crate::audit::now(),
         params: std::mem::take(&mut inc.params),
-        fields,
+        client_key: shared.config.client_key.clone(),
         peer: inc.peer.clone(),
         duration_us: elapsed.as_micros() as u64,
         bytes_in: inc.body_len,
@@ -837,7 +837,7 @@ mod tests {
         let line = Line {
             at: Duration::ZERO,
             params,
-            fields: [None, None, Some(0)],
+            client_key: Arc::from("REMOTE_ADDR"),
             peer: Arc::from("127.0.0.1"),
             duration_us: 0,
             bytes_in: 0,
