@@ -73,12 +73,7 @@ fn one_script_cannot_take_every_place_in_the_queue() {
         let running = s.spawn(|| d.get("t/slow.lua"));
         d.wait_leased(1);
         let waiting = s.spawn(|| d.get("t/slow.lua"));
-        // Wait (bounded) until that request is in the queue.
-        let t = std::time::Instant::now();
-        while d.shared.waiting.waiting() < 1 {
-            assert!(t.elapsed() < std::time::Duration::from_secs(10));
-            std::thread::yield_now();
-        }
+        d.wait_queued(1);
         let shed = d.get("t/slow.lua");
         assert_eq!(shed.status, 503);
         assert!(shed.header("Retry-After").is_some());
@@ -99,38 +94,33 @@ fn one_script_cannot_take_every_place_in_the_queue() {
     );
 }
 
-#[test]
-fn a_request_whose_client_left_while_it_waited_is_not_run() {
-    // The tenant's only worker is busy, so a second request of the tenant waits on its
-    // connection. Its client hangs up meanwhile: when the worker is free, that request ends
-    // `aborted` without running (hello would otherwise run, and end `ok`, at once).
-    let slow = spin(1.0);
-    let mut d = Daemon::start(
+/// A daemon with two workers, so the tenant `t` may hold one: `t/slow.lua` (a second of
+/// spinning) holds it while `t/hello.lua` waits.
+fn one_worker_tenant() -> Daemon {
+    Daemon::start(
         "queue_timeout_ms = 20000",
         &[
             (
                 "t/policy.toml",
                 "timeout_ms = 20000\ninstructions = 100_000_000_000",
             ),
-            ("t/slow.lua", &slow),
+            ("t/slow.lua", &spin(1.0)),
             ("t/hello.lua", HELLO),
         ],
-    );
+    )
+}
+
+#[test]
+fn a_request_whose_client_left_while_it_waited_is_not_run() {
+    // The tenant's only worker is busy, so a second request of the tenant waits on its
+    // connection. Its client hangs up meanwhile: when the worker is free, that request ends
+    // `aborted` without running (hello would otherwise run, and end `ok`, at once).
+    let mut d = one_worker_tenant();
     std::thread::scope(|s| {
         let running = s.spawn(|| d.get("t/slow.lua"));
         d.wait_leased(1);
-        let mut c = d.client();
-        c.send(&Client::encode(
-            1,
-            true,
-            &params_for(&d.script("t/hello.lua"), "GET", &[]),
-            b"",
-        ));
-        let t = std::time::Instant::now();
-        while d.shared.waiting.waiting() < 1 {
-            assert!(t.elapsed() < std::time::Duration::from_secs(10));
-            std::thread::yield_now();
-        }
+        let c = d.sent_get("t/hello.lua");
+        d.wait_queued(1);
         drop(c);
         assert_eq!(running.join().unwrap().status, 200);
     });
@@ -151,18 +141,7 @@ fn a_waiting_request_dropped_before_its_turn_gives_its_place_back() {
     // A request waiting in its connection's task holds a place in the queue; if that task
     // ends before the request's turn (the runtime shutting down), the place is freed.
     use luafcgid::dispatch::{dispatch, Dispatched, Framing, Incoming};
-    let slow = spin(1.0);
-    let d = Daemon::start(
-        "queue_timeout_ms = 20000",
-        &[
-            (
-                "t/policy.toml",
-                "timeout_ms = 20000\ninstructions = 100_000_000_000",
-            ),
-            ("t/slow.lua", &slow),
-            ("t/hello.lua", HELLO),
-        ],
-    );
+    let d = one_worker_tenant();
     std::thread::scope(|s| {
         let running = s.spawn(|| d.get("t/slow.lua"));
         d.wait_leased(1);

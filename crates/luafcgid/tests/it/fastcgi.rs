@@ -262,13 +262,7 @@ fn abort_request_stops_lua_and_is_logged() {
         "[defaults]\ntimeout_ms = 20000\ninstructions = 100000000000\n",
         &[("spin.lua", "function handler() while true do end end")],
     );
-    let mut c = d.client();
-    c.send(&Client::encode(
-        1,
-        true,
-        &params_for(&d.script("spin.lua"), "GET", &[]),
-        b"",
-    ));
+    let mut c = d.sent_get("spin.lua");
     // Whether Lua has started or not, the abort must end the request.
     let started = Instant::now();
     let mut out = Vec::new();
@@ -296,24 +290,12 @@ fn closed_connection_stops_lua() {
     );
     let started = Instant::now();
     {
-        let mut c = d.client();
-        c.send(&Client::encode(
-            1,
-            true,
-            &params_for(&d.script("spin.lua"), "GET", &[]),
-            b"",
-        ));
+        let _hung_up = d.sent_get("spin.lua");
         d.wait_leased(1);
     }
     // The worker must be free again long before the 20 s timeout: then a second spin.
     d.wait_leased_at_most(0);
-    let mut c2 = d.client();
-    c2.send(&Client::encode(
-        1,
-        true,
-        &params_for(&d.script("spin.lua"), "GET", &[]),
-        b"",
-    ));
+    let c2 = d.sent_get("spin.lua");
     d.wait_leased(1);
     drop(c2);
     assert_eq!(d.get("hello.lua").text(), "Hello World");
@@ -345,13 +327,7 @@ fn closed_connection_stops_a_slow_script_run_apart() {
     assert_eq!(d.get("spin.lua").text(), "warm");
     let started = Instant::now();
     {
-        let mut c = d.client();
-        c.send(&Client::encode(
-            1,
-            true,
-            &params_for(&d.script("spin.lua"), "GET", &[]),
-            b"",
-        ));
+        let _hung_up = d.sent_get("spin.lua");
         d.wait_leased(1);
     }
     d.wait_leased_at_most(0);
@@ -513,13 +489,7 @@ fn connection_cap_refuses_extra_connections() {
     // A freed slot is reusable; the accept loop sees the close asynchronously, so retry.
     let mut ok = false;
     for _ in 0..100 {
-        let mut c = d.client();
-        c.send(&Client::encode(
-            1,
-            true,
-            &params_for(&d.script("hello.lua"), "GET", &[]),
-            b"",
-        ));
+        let mut c = d.sent_get("hello.lua");
         if let Some(Reply::Stdout { .. }) = c.reply() {
             ok = true;
             break;
@@ -535,18 +505,7 @@ fn management_records_are_answered_while_every_worker_is_busy() {
         "tenant_workers = 2\n[defaults]\ntimeout_ms = 3000\ninstructions = 100000000000\nclones = 4\n",
         &[("spin.lua", "function handler() local t = os.clock() while os.clock() - t < 1.5 do end return 'x' end")],
     );
-    let mut busy: Vec<Client> = (0..2)
-        .map(|_| {
-            let mut c = d.client();
-            c.send(&Client::encode(
-                1,
-                true,
-                &params_for(&d.script("spin.lua"), "GET", &[]),
-                b"",
-            ));
-            c
-        })
-        .collect();
+    let mut busy: Vec<Client> = (0..2).map(|_| d.sent_get("spin.lua")).collect();
     d.wait_leased(2);
     let t = Instant::now();
     let mut c = d.client();
@@ -648,13 +607,7 @@ fn served_during_a_long_c_call(from_idle: bool) {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    let mut slow = d.client();
-    slow.send(&Client::encode(
-        1,
-        true,
-        &params_for(&d.script("pattern.lua"), "GET", &[]),
-        b"",
-    ));
+    let mut slow = d.sent_get("pattern.lua");
     d.wait_leased(1);
     let t = Instant::now();
     assert_eq!(d.get("hello.lua").text(), "Hello World");

@@ -151,6 +151,31 @@ impl Daemon {
         self.client().get(&self.script(rel))
     }
 
+    /// A fresh TCP connection on which a GET of one script (id 1, keep-alive) was sent and
+    /// not read.
+    pub fn sent_get(&self, rel: &str) -> Client {
+        let mut c = self.client();
+        c.send(&Client::encode(
+            1,
+            true,
+            &params_for(&self.script(rel), "GET", &[]),
+            b"",
+        ));
+        c
+    }
+
+    /// Waits (bounded) until at least `n` requests wait for a state.
+    pub fn wait_queued(&self, n: usize) {
+        let t = std::time::Instant::now();
+        while self.shared.waiting.waiting() < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "never saw {n} waiting"
+            );
+            std::thread::yield_now();
+        }
+    }
+
     /// Waits (bounded) until `n` states are leased to running requests.
     pub fn wait_leased(&self, n: usize) {
         self.wait_for_leased(|leased| leased >= n, &format!("never saw {n} busy states"));
