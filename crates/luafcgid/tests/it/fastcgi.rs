@@ -301,10 +301,7 @@ fn closed_connection_stops_lua() {
     assert_eq!(d.get("hello.lua").text(), "Hello World");
     assert!(started.elapsed() < Duration::from_secs(10));
     let lines = d.stop();
-    let outcomes: Vec<_> = requests(&lines)
-        .iter()
-        .map(|r| r["outcome"].clone())
-        .collect();
+    let outcomes = outcomes(&lines);
     assert_eq!(
         outcomes.iter().filter(|o| *o == "aborted").count(),
         2,
@@ -333,10 +330,7 @@ fn closed_connection_stops_a_slow_script_run_apart() {
     d.wait_leased_at_most(0);
     assert!(started.elapsed() < Duration::from_secs(10));
     let lines = d.stop();
-    let outcomes: Vec<_> = requests(&lines)
-        .iter()
-        .map(|r| r["outcome"].clone())
-        .collect();
+    let outcomes = outcomes(&lines);
     assert_eq!(outcomes, ["ok", "aborted"]);
 }
 

@@ -445,6 +445,14 @@ pub fn requests(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
     lines.iter().filter(|l| l["event"] == "request").collect()
 }
 
+/// The outcome of each request line, in order.
+pub fn outcomes(lines: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    requests(lines)
+        .iter()
+        .map(|r| r["outcome"].clone())
+        .collect()
+}
+
 /// The request id a client got.
 pub fn id_of(r: &Response) -> String {
     r.header("X-Request-Id")
