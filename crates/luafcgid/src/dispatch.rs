@@ -3,16 +3,17 @@
 //! itself: check a state out, run the entry function under the policy's limits, check the
 //! state back in, render, audit.
 //!
-//! Admission takes two permits: one of the script's `clones` and one of the `workers` Lua
-//! slots. When both are free at once the request runs right away on the calling thread (the
-//! common, fast path: no hand-off between threads). Otherwise the request waits for them at
-//! most `queue_timeout` (in its connection's task when the connection has nothing else to
-//! do, else in a small task of its own), with at most `queue_max` requests waiting in all,
-//! and is answered 503 `shed` beyond either. The runtime has one thread more than there are Lua slots, so
-//! however many requests are in Lua, a thread is always left to accept connections, answer
-//! management records and reject requests. A script whose runs take long (see
-//! [`SLOW_WINDOW`]) never runs inline: its requests wait for their permits and run on a
-//! blocking thread, away from the threads that serve connections.
+//! Admission takes three permits: one of the tenant's workers, one of the script's
+//! `clones` and one of the `workers` Lua slots. When all are free at once the request runs
+//! right away on the calling thread (the common, fast path: no hand-off between threads).
+//! Otherwise the request waits for them at most `queue_timeout` (in its connection's task
+//! when the connection has nothing else to do, else in a small task of its own), with at
+//! most `queue_max` requests waiting in all, and is answered 503 `shed` beyond either. The
+//! runtime has one thread more than there are Lua slots, so however many requests are in
+//! Lua, a thread is always left to accept connections, answer management records and
+//! reject requests. A script whose runs take long (see [`SLOW_WINDOW`]) never runs inline:
+//! its requests wait for their permits in a task of their own and run on a blocking
+//! thread, away from the threads that serve connections.
 //!
 //! Both front ends (FastCGI and the development HTTP listener) come through here, so every
 //! request gets exactly one reply and one audit line, whatever happens to it.
