@@ -118,13 +118,6 @@ impl Params {
             .map(|e| self.value_of(e))
     }
 
-    /// The pair at `index` in arrival order.
-    pub fn pair(&self, index: usize) -> Option<(&[u8], &[u8])> {
-        self.entries
-            .get(index)
-            .map(|e| (self.name_of(e), self.value_of(e)))
-    }
-
     /// All pairs in arrival order, duplicates included.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.entries
@@ -213,8 +206,6 @@ mod tests {
         assert_eq!(p.get(b""), Some(&b"x"[..]));
         assert_eq!(p.get(b"C"), None);
         assert_eq!(p.get(b"AA"), None);
-        assert_eq!(p.pair(2), Some((&b"A"[..], &b"2"[..])));
-        assert_eq!(p.pair(4), None);
         let all: Vec<_> = p.iter().collect();
         assert_eq!(
             all,

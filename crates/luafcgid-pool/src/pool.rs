@@ -334,10 +334,13 @@ impl<S: Pooled> StatePool<S> {
             let mut guard = self.lock();
             let inner = &mut *guard;
             let half_life = self.half_life;
-            let entry = inner
-                .entries
-                .entry(MapKey(key.clone()))
-                .or_insert_with(|| Entry::new(1, now));
+            let entry = match inner.entries.get_mut(path_bytes(key)) {
+                Some(entry) => entry,
+                None => inner
+                    .entries
+                    .entry(MapKey(key.clone()))
+                    .or_insert_with(|| Entry::new(1, now)),
+            };
             entry.score = entry.popularity(now, half_life) + 1.0;
             entry.scored_at = now;
             if entry.stamp != Some(stamp) {

@@ -161,8 +161,8 @@ where
                                 decoder.finish(id);
                                 match dispatch(&shared, inc, answer, None) {
                                     Dispatched::Now(reply) => out.extend_from_slice(&reply.bytes),
-                                    // Not for a limited request; were it queued, its
-                                    // reply would still come.
+                                    // Never so: a limited request is answered before
+                                    // admission.
                                     Dispatched::Queued(queued) => queued.spawn(&tx),
                                 }
                                 continue;
@@ -171,8 +171,7 @@ where
                             resolved.insert(id, (answer, rate, policy));
                         }
                         Event::Request(req) => {
-                            let now = read_at;
-                            progress = now;
+                            progress = read_at;
                             let id = req.id;
                             let abort = Arc::new(AtomicBool::new(false));
                             in_flight.insert(
@@ -204,7 +203,7 @@ where
                                 body_exceeded: req.body_exceeded,
                                 peer: peer.clone(),
                                 abort,
-                                received: now,
+                                received: read_at,
                                 rate,
                                 policy,
                             };

@@ -111,14 +111,14 @@ fn log_text(v: &[u8]) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Where the first params named `names` are, found in one pass over the params.
-fn first_positions<const N: usize>(p: &Params, names: [&[u8]; N]) -> [Option<usize>; N] {
+/// The first values of the params named `names`, found in one pass over the params.
+fn first_values<'a, const N: usize>(p: &'a Params, names: [&[u8]; N]) -> [Option<&'a [u8]>; N] {
     let mut found = [None; N];
     let mut missing = N;
-    for (i, (name, _)) in p.iter().enumerate() {
+    for (name, value) in p.iter() {
         for (slot, wanted) in found.iter_mut().zip(names) {
             if slot.is_none() && name == wanted {
-                *slot = Some(i);
+                *slot = Some(value);
                 missing -= 1;
             }
         }
@@ -145,18 +145,15 @@ struct Line {
 
 impl RequestLine for Line {
     fn write(&self, out: &mut Vec<u8>) {
-        let fields = first_positions(
+        let [client, method, uri] = first_values(
             &self.params,
             [
                 self.client_key.as_bytes(),
                 b"REQUEST_METHOD",
                 b"REQUEST_URI",
             ],
-        );
-        let [client, method, uri] = fields.map(|i| {
-            i.and_then(|i| self.params.pair(i))
-                .map(|(_, v)| log_text(v))
-        });
+        )
+        .map(|v| v.map(log_text));
         let a = &self.audit;
         let effective = a.effective.as_deref();
         let script = a.script.as_deref();

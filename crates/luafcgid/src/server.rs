@@ -661,7 +661,6 @@ impl Server {
         );
         // Started before the first accept, so that it watches from the first request on.
         let driver_watch = shared.driver_watch.clone();
-        driver_watch.watching.store(true, Ordering::SeqCst);
         let watchdog = {
             let watch = driver_watch.clone();
             let slots = shared.lua_slots.clone();
