@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use env::{default_libs, DEFAULT_LIBS, LIB_TABLES, OS_FUNCTIONS};
+pub use limits::PROBE_INTERVAL;
 pub use state::ScriptState;
 pub use status::status_reason;
 

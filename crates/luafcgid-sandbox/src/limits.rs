@@ -38,8 +38,9 @@ pub(crate) const LONG_RUN: Duration = Duration::from_millis(2);
 /// so a short run whose thread was only waiting for a CPU is not taken for a long one.
 pub(crate) const LONG_RUN_INSTRUCTIONS: u64 = 100_000;
 
-/// How often, at most, the hook asks whether the request was aborted.
-pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(1);
+/// How often, at most, the hook asks whether the request was aborted (and so about how
+/// much of a run a client that left before it started can cost).
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Why a run was stopped: a limit, or the abort flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
