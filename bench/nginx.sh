@@ -767,6 +767,14 @@ print_table() {
 }
 
 
+# The median of ratios such as "0.90x 0.72x 1.07x" ("-" for none): with the rounds
+# interleaved, each ratio pairs two rows measured minutes apart at most, and the median of
+# the pairs is what one slow spell of the machine moves least.
+median_ratio() {
+    tr ' ' '\n' <<<"$1" | sed -n 's/x$//p' | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) printf "%.2fx\n", v[(NR + 1) / 2]; else printf "%.2fx\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
 # Each luafcgid row against the constant responder round by round: the rows of one round
 # ran minutes apart at most, so these ratios show how much of the best-of-rounds ratio
 # the machine's drift between rounds makes.
@@ -786,7 +794,8 @@ print_round_ratios() {
             p50=$(paste -d' ' <(tr ' ' '\n' <<<"${R_P50[$k]}" | awk NF) \
                 <(tr ' ' '\n' <<<"${R_P50[$const_i,$c]}" | awk NF) |
                 awk '{ printf "%s%s", (NR > 1 ? " " : ""), ($2 > 0 && $1 != "-" ? sprintf("%.2fx", $1 / $2) : "-") }')
-            printf '  %-13s c=%-3s req/s %s; p50 %s\n' "${ROW_NAME[i]}" "$c" "$rps" "$p50"
+            printf '  %-13s c=%-3s req/s %s (median %s); p50 %s (median %s)\n' "${ROW_NAME[i]}" "$c" \
+                "$rps" "$(median_ratio "$rps")" "$p50" "$(median_ratio "$p50")"
         done
     done
 }
