@@ -6,11 +6,16 @@
 //! path is its first directory under the root; files directly in the root belong to the
 //! root). No process-wide `chdir` is ever done. Answers are cached for `sweep` so a warm
 //! request costs a map lookup, not a `realpath`; a changed or deleted file is seen within it.
+//! In front of the shared cache, each thread keeps the last answer it gave, until the shared
+//! entry it came from expires: a connection names the same script request after request,
+//! and finding it there takes no lock that every thread of the daemon shares.
 
 use foldhash::HashMap;
+use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,7 +90,28 @@ pub struct Resolver {
     extensions: Vec<String>,
     ttl: Duration,
     cache: Mutex<AnswerCache>,
+    /// Tells this resolver's answers apart in the threads' [`LAST`] answers.
+    id: u64,
+    /// Moved by [`Resolver::clear`]: a thread's last answer from before is not used.
+    epoch: AtomicU64,
 }
+
+/// A thread's last answer: which resolver gave it, in which epoch, for which claimed path,
+/// and when the shared cache found it (it expires with that entry).
+struct Last {
+    resolver: u64,
+    epoch: u64,
+    name: Vec<u8>,
+    answer: Answer,
+    at: Instant,
+}
+
+thread_local! {
+    static LAST: RefCell<Option<Last>> = const { RefCell::new(None) };
+}
+
+/// Resolvers made so far, for their ids.
+static RESOLVERS: AtomicU64 = AtomicU64::new(0);
 
 /// Strips Apache mod_proxy_fcgi's `proxy:fcgi://host[:port]` prefix.
 pub fn strip_proxy_prefix(name: &[u8]) -> &[u8] {
@@ -119,6 +145,8 @@ impl Resolver {
             extensions: extensions.to_vec(),
             ttl,
             cache: Mutex::new(HashMap::default()),
+            id: RESOLVERS.fetch_add(1, Ordering::Relaxed),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -139,24 +167,80 @@ impl Resolver {
         if name.len() > MAX_SCRIPT_PATH || name.contains(&0) {
             return Err(Refusal::BadRequest("malformed SCRIPT_FILENAME"));
         }
-        {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if let Some(answer) = self.last_answer(name, epoch, now) {
+            return answer;
+        }
+        let cached = {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((answer, at)) = cache.get(name) {
-                if now.duration_since(*at) < self.ttl {
-                    return answer.clone();
-                }
-            }
+            cache
+                .get(name)
+                .filter(|(_, at)| now.duration_since(*at) < self.ttl)
+                .map(|(answer, at)| (answer.clone(), *at))
+        };
+        if let Some((answer, at)) = cached {
+            self.remember(name, epoch, &answer, at);
+            return answer;
         }
         let answer = self.resolve_uncached(Path::new(OsStr::from_bytes(name)));
         if let Err(Refusal::Unavailable(_)) = answer {
             return answer;
         }
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= RESOLVE_CACHE_ENTRIES {
-            cache.clear();
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= RESOLVE_CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(name.into(), (answer.clone(), now));
         }
-        cache.insert(name.into(), (answer.clone(), now));
+        self.remember(name, epoch, &answer, now);
         answer
+    }
+
+    /// This thread's last answer, if it is this resolver's, of this epoch, for `name`, and
+    /// its shared entry has not expired at `now`.
+    fn last_answer(&self, name: &[u8], epoch: u64, now: Instant) -> Option<Answer> {
+        LAST.try_with(|last| {
+            let last = last.try_borrow().ok()?;
+            let last = last.as_ref()?;
+            (last.resolver == self.id
+                && last.epoch == epoch
+                && last.name == name
+                && now.duration_since(last.at) < self.ttl)
+                .then(|| last.answer.clone())
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Makes `answer`, found in the shared cache at `at`, this thread's last answer.
+    fn remember(&self, name: &[u8], epoch: u64, answer: &Answer, at: Instant) {
+        let _ = LAST.try_with(|last| {
+            let Ok(mut last) = last.try_borrow_mut() else {
+                return;
+            };
+            match &mut *last {
+                // The name's buffer is reused: no allocation when a thread's scripts
+                // alternate.
+                Some(last) => {
+                    last.resolver = self.id;
+                    last.epoch = epoch;
+                    last.name.clear();
+                    last.name.extend_from_slice(name);
+                    last.answer = answer.clone();
+                    last.at = at;
+                }
+                None => {
+                    *last = Some(Last {
+                        resolver: self.id,
+                        epoch,
+                        name: name.to_vec(),
+                        answer: answer.clone(),
+                        at,
+                    })
+                }
+            }
+        });
     }
 
     /// A real path as the audit log shows it: relative to its document root.
@@ -172,6 +256,9 @@ impl Resolver {
     /// Forgets every cached answer.
     pub fn clear(&self) {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // After the shared cache is empty: a thread that sees the new epoch finds nothing
+        // from before in either cache.
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     fn has_extension(&self, p: &Path) -> bool {
@@ -268,5 +355,67 @@ mod tests {
         );
         assert_eq!(strip_proxy_prefix(b"/srv/a.lua"), b"/srv/a.lua");
         assert_eq!(strip_proxy_prefix(b"proxy:fcgi://host"), b"");
+    }
+
+    /// A document root holding `site/a.lua`, and a resolver over it.
+    fn root_with_script(ttl: Duration) -> (tempfile::TempDir, Resolver, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("site")).unwrap();
+        let script = dir.path().join("site/a.lua");
+        std::fs::write(&script, "function handler() return 'a' end").unwrap();
+        let resolver = Resolver::new(&[dir.path().to_path_buf()], &["lua".into()], ttl).unwrap();
+        let name = script.as_os_str().as_bytes().to_vec();
+        (dir, resolver, name)
+    }
+
+    #[test]
+    fn a_threads_last_answer_expires_with_the_shared_one() {
+        let ttl = Duration::from_secs(60);
+        let (dir, resolver, name) = root_with_script(ttl);
+        let t0 = Instant::now();
+        assert!(resolver.resolve(Some(&name), t0).is_ok());
+        std::fs::remove_file(dir.path().join("site/a.lua")).unwrap();
+        assert!(
+            resolver.resolve(Some(&name), t0).is_ok(),
+            "still cached within the sweep"
+        );
+        assert_eq!(
+            resolver.resolve(Some(&name), t0 + ttl).err(),
+            Some(Refusal::NotFound),
+            "a removed script is seen once its answer expired"
+        );
+    }
+
+    #[test]
+    fn a_threads_last_answer_is_not_taken_after_a_clear() {
+        let (dir, resolver, name) = root_with_script(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(resolver.resolve(Some(&name), t0).is_ok());
+        std::fs::remove_file(dir.path().join("site/a.lua")).unwrap();
+        resolver.clear();
+        assert_eq!(
+            resolver.resolve(Some(&name), t0).err(),
+            Some(Refusal::NotFound)
+        );
+    }
+
+    #[test]
+    fn a_threads_last_answer_is_not_taken_by_another_resolver() {
+        // The same path, asked of a resolver whose roots do not hold it (a reload that
+        // dropped the root): not the first resolver's answer.
+        let (_dir, first, name) = root_with_script(Duration::from_secs(60));
+        let other_root = tempfile::tempdir().unwrap();
+        let second = Resolver::new(
+            &[other_root.path().to_path_buf()],
+            &["lua".into()],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        assert!(first.resolve(Some(&name), t0).is_ok());
+        assert!(matches!(
+            second.resolve(Some(&name), t0),
+            Err(Refusal::Forbidden(_))
+        ));
     }
 }
