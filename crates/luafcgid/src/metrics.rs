@@ -4,7 +4,9 @@
 //! [`Metrics`] is a set of fixed arrays of atomic counters: requests by outcome and status,
 //! a latency histogram with fixed buckets, state evictions by reason, rate-limited requests
 //! by limit, shed requests by reason, reloads. Counting a request is a few relaxed atomic
-//! additions and no allocation; the text is built only when scraped, where the gauges
+//! additions and no allocation, to counters of the counting thread's own shard (threads
+//! adding to the same counters moved their cache line between CPUs at every request); the
+//! text sums the shards. The text is built only when scraped, where the gauges
 //! (requests in Lua, the queue, the states, refused connections, lost audit lines) are read
 //! from the [`Shared`] the counters are attached to. The counters outlive a `Shared`: a new
 //! one built [`Shared::with_metrics`] the same counters carries them on and becomes what the
@@ -238,13 +240,43 @@ fn counters<const N: usize>() -> [AtomicU64; N] {
     std::array::from_fn(|_| AtomicU64::new(0))
 }
 
-/// The daemon's counters, shared by every request and the metrics listener.
+/// Shards of the per-request counters: a thread counts in shard `its number % SHARDS`.
+const SHARDS: usize = 8;
+
+/// The counters every answered request adds to, one set per shard, each on cache lines of
+/// its own.
 #[derive(Debug)]
-pub struct Metrics {
+#[repr(align(128))]
+struct RequestCounts {
     requests: [[AtomicU64; STATUS_SLOTS]; OUTCOMES.len()],
     /// Requests per latency bucket (not cumulative; the text makes them so).
     latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
+}
+
+impl Default for RequestCounts {
+    fn default() -> RequestCounts {
+        RequestCounts {
+            requests: std::array::from_fn(|_| counters()),
+            latency: counters(),
+            latency_sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The calling thread's shard: threads are numbered as they first count.
+fn shard() -> usize {
+    static THREADS: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static SHARD: usize = (THREADS.fetch_add(1, Relaxed) % SHARDS as u64) as usize;
+    }
+    SHARD.try_with(|s| *s).unwrap_or(0)
+}
+
+/// The daemon's counters, shared by every request and the metrics listener.
+#[derive(Debug)]
+pub struct Metrics {
+    counts: Box<[RequestCounts; SHARDS]>,
     evictions: [AtomicU64; Eviction::ALL.len()],
     rate_limited: [AtomicU64; LIMITS.len()],
     shed: [AtomicU64; ShedReason::ALL.len()],
@@ -257,9 +289,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Metrics {
         Metrics {
-            requests: std::array::from_fn(|_| counters()),
-            latency: counters(),
-            latency_sum_us: AtomicU64::new(0),
+            counts: Box::new(std::array::from_fn(|_| RequestCounts::default())),
             evictions: counters(),
             rate_limited: counters(),
             shed: counters(),
@@ -274,10 +304,16 @@ impl Metrics {
     /// Counts one answered request: its outcome, its status (`None`: nothing was sent) and
     /// how long it took from its arrival.
     pub fn request(&self, outcome: Outcome, status: Option<u16>, elapsed: Duration) {
-        self.requests[outcome as usize][status_slot(status)].fetch_add(1, Relaxed);
+        let counts = &self.counts[shard()];
+        counts.requests[outcome as usize][status_slot(status)].fetch_add(1, Relaxed);
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        self.latency[latency_slot(us)].fetch_add(1, Relaxed);
-        self.latency_sum_us.fetch_add(us, Relaxed);
+        counts.latency[latency_slot(us)].fetch_add(1, Relaxed);
+        counts.latency_sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// The sum over the shards of the counter `pick` chooses.
+    fn total(&self, pick: impl Fn(&RequestCounts) -> &AtomicU64) -> u64 {
+        self.counts.iter().map(|c| pick(c).load(Relaxed)).sum()
     }
 
     /// Counts one evicted state (or one script whose states were retired, for `Changed`).
@@ -312,9 +348,8 @@ impl Metrics {
 
     /// Requests counted so far with `outcome`, whatever their status.
     pub fn requests(&self, outcome: Outcome) -> u64 {
-        self.requests[outcome as usize]
-            .iter()
-            .map(|c| c.load(Relaxed))
+        (0..STATUS_SLOTS)
+            .map(|slot| self.total(|c| &c.requests[outcome as usize][slot]))
             .sum()
     }
 
@@ -359,15 +394,14 @@ impl Metrics {
             "Requests answered, by outcome (as in the audit log) and status (exact for common statuses, else its class; none when the client went away).",
         );
         for outcome in OUTCOMES {
-            let row = &self.requests[outcome as usize];
             // Each outcome's own status is always shown, so the series exist from the start.
             let own = if outcome == Outcome::Aborted {
                 NONE_SLOT
             } else {
                 status_slot(Some(outcome.status()))
             };
-            for (slot, count) in row.iter().enumerate() {
-                let n = count.load(Relaxed);
+            for slot in 0..STATUS_SLOTS {
+                let n = self.total(|c| &c.requests[outcome as usize][slot]);
                 if n > 0 || slot == own {
                     let _ = writeln!(
                         text,
@@ -386,15 +420,15 @@ impl Metrics {
             "Time from a request being complete to its reply being ready.",
         );
         let mut cumulative = 0;
-        for (i, count) in self.latency.iter().enumerate() {
-            cumulative += count.load(Relaxed);
+        for i in 0..=LATENCY_BUCKETS.len() {
+            cumulative += self.total(|c| &c.latency[i]);
             let le = LATENCY_BUCKETS.get(i).map_or("+Inf", |b| b.1);
             let _ = writeln!(
                 text,
                 "luafcgid_request_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
             );
         }
-        let sum = self.latency_sum_us.load(Relaxed) as f64 / 1e6;
+        let sum = self.total(|c| &c.latency_sum_us) as f64 / 1e6;
         let _ = writeln!(text, "luafcgid_request_duration_seconds_sum {sum}");
         let _ = writeln!(text, "luafcgid_request_duration_seconds_count {cumulative}");
 
@@ -802,5 +836,31 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
         }
         assert!(!m.healthy(), "no daemon attached");
+    }
+
+    #[test]
+    fn requests_counted_on_many_threads_are_all_reported() {
+        // More threads than shards, so some share one and every shard is used.
+        let m = Metrics::default();
+        std::thread::scope(|s| {
+            for _ in 0..SHARDS + 3 {
+                s.spawn(|| {
+                    for _ in 0..10 {
+                        m.request(Outcome::Ok, Some(200), Duration::from_millis(1));
+                    }
+                });
+            }
+        });
+        let n = (SHARDS + 3) * 10;
+        assert_eq!(m.requests(Outcome::Ok), n as u64);
+        let text = m.render();
+        for line in [
+            format!("luafcgid_requests_total{{outcome=\"ok\",status=\"200\"}} {n}"),
+            format!("luafcgid_request_duration_seconds_bucket{{le=\"+Inf\"}} {n}"),
+            format!("luafcgid_request_duration_seconds_count {n}"),
+            format!("luafcgid_request_duration_seconds_sum {}", n as f64 / 1e3),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
     }
 }
