@@ -424,7 +424,7 @@ pub fn dispatch(
     }
     let admission = shared.pool.admission(&script.key, policy.clones);
     let (clones, slow) = (admission.permits, admission.slow);
-    let tenant = shared.tenants.of(&effective.tenant);
+    let tenant = shared.tenants.of_cached(&effective.tenant);
     let mut probe = inline;
     if let Some(p) = probe.take_if(|_| !slow) {
         // Borrowed permits: the run ends before this function returns.
