@@ -92,15 +92,12 @@ pub struct Resolver {
     cache: Mutex<AnswerCache>,
     /// Tells this resolver's answers apart in the threads' [`LAST`] answers.
     id: u64,
-    /// Moved by [`Resolver::clear`]: a thread's last answer from before is not used.
-    epoch: AtomicU64,
 }
 
-/// A thread's last answer: which resolver gave it, in which epoch, for which claimed path,
-/// and when the shared cache found it (it expires with that entry).
+/// A thread's last answer: which resolver gave it, for which claimed path, and when the
+/// shared cache found it (it expires with that entry).
 struct Last {
     resolver: u64,
-    epoch: u64,
     name: Vec<u8>,
     answer: Answer,
     at: Instant,
@@ -146,7 +143,6 @@ impl Resolver {
             ttl,
             cache: Mutex::new(HashMap::default()),
             id: RESOLVERS.fetch_add(1, Ordering::Relaxed),
-            epoch: AtomicU64::new(0),
         })
     }
 
@@ -167,8 +163,7 @@ impl Resolver {
         if name.len() > MAX_SCRIPT_PATH || name.contains(&0) {
             return Err(Refusal::BadRequest("malformed SCRIPT_FILENAME"));
         }
-        let epoch = self.epoch.load(Ordering::Acquire);
-        if let Some(answer) = self.last_answer(name, epoch, now) {
+        if let Some(answer) = self.last_answer(name, now) {
             return answer;
         }
         let cached = {
@@ -179,7 +174,7 @@ impl Resolver {
                 .map(|(answer, at)| (answer.clone(), *at))
         };
         if let Some((answer, at)) = cached {
-            self.remember(name, epoch, &answer, at);
+            self.remember(name, &answer, at);
             return answer;
         }
         let answer = self.resolve_uncached(Path::new(OsStr::from_bytes(name)));
@@ -193,18 +188,17 @@ impl Resolver {
             }
             cache.insert(name.into(), (answer.clone(), now));
         }
-        self.remember(name, epoch, &answer, now);
+        self.remember(name, &answer, now);
         answer
     }
 
-    /// This thread's last answer, if it is this resolver's, of this epoch, for `name`, and
-    /// its shared entry has not expired at `now`.
-    fn last_answer(&self, name: &[u8], epoch: u64, now: Instant) -> Option<Answer> {
+    /// This thread's last answer, if it is this resolver's, for `name`, and its shared
+    /// entry has not expired at `now`.
+    fn last_answer(&self, name: &[u8], now: Instant) -> Option<Answer> {
         LAST.try_with(|last| {
             let last = last.try_borrow().ok()?;
             let last = last.as_ref()?;
             (last.resolver == self.id
-                && last.epoch == epoch
                 && last.name == name
                 && now.duration_since(last.at) < self.ttl)
                 .then(|| last.answer.clone())
@@ -214,32 +208,23 @@ impl Resolver {
     }
 
     /// Makes `answer`, found in the shared cache at `at`, this thread's last answer.
-    fn remember(&self, name: &[u8], epoch: u64, answer: &Answer, at: Instant) {
+    fn remember(&self, name: &[u8], answer: &Answer, at: Instant) {
         let _ = LAST.try_with(|last| {
             let Ok(mut last) = last.try_borrow_mut() else {
                 return;
             };
-            match &mut *last {
-                // The name's buffer is reused: no allocation when a thread's scripts
-                // alternate.
-                Some(last) => {
-                    last.resolver = self.id;
-                    last.epoch = epoch;
-                    last.name.clear();
-                    last.name.extend_from_slice(name);
-                    last.answer = answer.clone();
-                    last.at = at;
-                }
-                None => {
-                    *last = Some(Last {
-                        resolver: self.id,
-                        epoch,
-                        name: name.to_vec(),
-                        answer: answer.clone(),
-                        at,
-                    })
-                }
-            }
+            let last = last.get_or_insert_with(|| Last {
+                resolver: self.id,
+                name: Vec::new(),
+                answer: answer.clone(),
+                at,
+            });
+            last.resolver = self.id;
+            // The name's buffer is reused: no allocation when a thread's scripts alternate.
+            last.name.clear();
+            last.name.extend_from_slice(name);
+            last.answer = answer.clone();
+            last.at = at;
         });
     }
 
@@ -251,14 +236,6 @@ impl Resolver {
             .unwrap_or(real)
             .to_string_lossy()
             .into_owned()
-    }
-
-    /// Forgets every cached answer.
-    pub fn clear(&self) {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        // After the shared cache is empty: a thread that sees the new epoch finds nothing
-        // from before in either cache.
-        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     fn has_extension(&self, p: &Path) -> bool {
@@ -383,19 +360,6 @@ mod tests {
             resolver.resolve(Some(&name), t0 + ttl).err(),
             Some(Refusal::NotFound),
             "a removed script is seen once its answer expired"
-        );
-    }
-
-    #[test]
-    fn a_threads_last_answer_is_not_taken_after_a_clear() {
-        let (dir, resolver, name) = root_with_script(Duration::from_secs(60));
-        let t0 = Instant::now();
-        assert!(resolver.resolve(Some(&name), t0).is_ok());
-        std::fs::remove_file(dir.path().join("site/a.lua")).unwrap();
-        resolver.clear();
-        assert_eq!(
-            resolver.resolve(Some(&name), t0).err(),
-            Some(Refusal::NotFound)
         );
     }
 
