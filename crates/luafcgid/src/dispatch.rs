@@ -432,9 +432,15 @@ pub fn dispatch(
             if let Ok(clone) = clones.try_acquire() {
                 if let Ok(slot) = shared.lua_slots.try_acquire() {
                     shared.driver_watch.run_started();
-                    let reply = run(shared, &mut inc, script, effective, Some(p));
-                    drop((slot, clone, own));
-                    return Dispatched::Now(reply);
+                    let permits = (slot, clone, own);
+                    return Dispatched::Now(run(
+                        shared,
+                        &mut inc,
+                        script,
+                        effective,
+                        Some(p),
+                        permits,
+                    ));
                 }
             }
         }
@@ -552,9 +558,7 @@ impl Queued {
                 let apart = shared.clone();
                 let reply = tokio::task::spawn_blocking(move || {
                     let probe = Arc::new(Apart::new(apart.ids.clone()));
-                    let reply = run(&apart, &mut inc, script, effective, Some(probe));
-                    drop(permits);
-                    reply
+                    run(&apart, &mut inc, script, effective, Some(probe), permits)
                 })
                 .await;
                 reply.ok()?
@@ -574,9 +578,7 @@ impl Queued {
                     }
                     None => Arc::new(SocketProbe::runtime_only()),
                 };
-                let reply = run(&shared, &mut inc, script, effective, Some(probe));
-                drop(permits);
-                reply
+                run(&shared, &mut inc, script, effective, Some(probe), permits)
             }
             _ => answer_early(
                 &shared,
@@ -686,6 +688,7 @@ fn run(
     script: Arc<Script>,
     effective: Arc<Effective>,
     client: Option<Arc<dyn ClientProbe + Send>>,
+    permits: impl Sized,
 ) -> Reply {
     let policy = &effective.policy;
     let request_id = shared.ids.next_id();
@@ -765,6 +768,9 @@ fn run(
             }
         }
     };
+    // The state is back in the pool: the script's and the tenant's next request may run
+    // while this one's reply is rendered and its audit line queued.
+    drop(permits);
     log_script_messages(shared, &request_id, &script, logs);
     let mut cgi = Vec::with_capacity(256);
     let (outcome, status, bytes_out, error) = match &result {
