@@ -682,6 +682,9 @@ impl RequestData for RunData {
     }
 }
 
+/// Runs the request on a state of its script and renders its reply. `permits` (the
+/// tenant's, the clone's and the Lua slot's) are given back as soon as the state is back in
+/// the pool, before the reply is rendered and the audit line queued.
 fn run(
     shared: &Shared,
     inc: &mut Incoming,
