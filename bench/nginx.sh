@@ -13,8 +13,9 @@
 # note saying what to install.
 #
 # Environment (all optional):
-#   DURATION=10        seconds per wrk run
-#   ROUNDS=2           interleaved rounds (every row, both connection counts, per round)
+#   DURATION=5         seconds per wrk run
+#   ROUNDS=5           interleaved rounds (every row, both connection counts, per round);
+#                      the round-by-round ratios against const end with their median
 #   WARMUP=1           seconds of untimed wrk load per row before round 1 (0: none)
 #   CONNS="50 1"       wrk connection counts (always one wrk thread)
 #   PHP_CHILDREN="4 2" one php-fpm pool (pm = static) per value; the best is "php-fpm best"
@@ -79,8 +80,8 @@
 
 set -euo pipefail
 
-DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-2}
+DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-5}
 WARMUP=${WARMUP:-1}
 CONNS=${CONNS:-"50 1"}
 PHP_CHILDREN=${PHP_CHILDREN:-"4 2"}
