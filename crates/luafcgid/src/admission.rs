@@ -49,8 +49,10 @@ impl TenantSlots {
         self.tenants.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The semaphore of `tenant` (`""`: the operator's scripts in a document root).
-    pub fn of(&self, tenant: &str) -> Arc<Semaphore> {
+    /// The semaphore of `tenant` (`""`: the operator's scripts in a document root), from the
+    /// map itself (requests take it through [`TenantSlots::of_cached`]).
+    #[cfg(test)]
+    fn of(&self, tenant: &str) -> Arc<Semaphore> {
         self.entry(tenant).1
     }
 

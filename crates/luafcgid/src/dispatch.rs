@@ -432,14 +432,13 @@ pub fn dispatch(
             if let Ok(clone) = clones.try_acquire() {
                 if let Ok(slot) = shared.lua_slots.try_acquire() {
                     shared.driver_watch.run_started();
-                    let permits = (slot, clone, own);
                     return Dispatched::Now(run(
                         shared,
                         &mut inc,
                         script,
                         effective,
                         Some(p),
-                        permits,
+                        (slot, clone, own),
                     ));
                 }
             }

@@ -213,18 +213,25 @@ impl Resolver {
             let Ok(mut last) = last.try_borrow_mut() else {
                 return;
             };
-            let last = last.get_or_insert_with(|| Last {
-                resolver: self.id,
-                name: Vec::new(),
-                answer: answer.clone(),
-                at,
-            });
-            last.resolver = self.id;
-            // The name's buffer is reused: no allocation when a thread's scripts alternate.
-            last.name.clear();
-            last.name.extend_from_slice(name);
-            last.answer = answer.clone();
-            last.at = at;
+            match &mut *last {
+                Some(last) => {
+                    last.resolver = self.id;
+                    // The name's buffer is reused: no allocation when a thread's scripts
+                    // alternate.
+                    last.name.clear();
+                    last.name.extend_from_slice(name);
+                    last.answer = answer.clone();
+                    last.at = at;
+                }
+                None => {
+                    *last = Some(Last {
+                        resolver: self.id,
+                        name: name.to_vec(),
+                        answer: answer.clone(),
+                        at,
+                    })
+                }
+            }
         });
     }
 
