@@ -42,13 +42,17 @@
 # Everything runs in a private temp dir (configs, sockets, logs) and on 127.0.0.1
 # only; every process the script starts is stopped by PID on exit and the temp dir
 # is removed. Worst-case duration: about rows x len(CONNS) x (ROUNDS x DURATION +
-# WARMUP) seconds plus start-up (8 rows, 2 connection counts: ~330 s by default; 9 rows
-# with ORIG_LUAFCGID).
+# WARMUP) seconds plus start-up (9 rows, 2 connection counts: about 8 minutes by default;
+# 10 rows with ORIG_LUAFCGID).
 #
 # Rows (URL paths on one nginx server, 1 worker process, access_log off):
 #   return        nginx `return 200 "Hello World"` (no backend); the other rows' req/s are
 #                 also printed as a ratio to this one
 #   const         /const              -> fcgi-const on a unix socket
+#   const-batch   /const-batch        -> another fcgi-const, started under `chrt -b 0`
+#                                        (SCHED_BATCH, the scheduling luafcgid gives its
+#                                        own threads by default): the ceiling under the
+#                                        same policy
 #   lua-nginx     /lua-nginx          -> content_by_lua_block in nginx's own worker (Debian's
 #                                        libnginx-mod-http-lua, LuaJIT), Content-Length set so
 #                                        the reply is the same bytes as `return`'s
@@ -64,7 +68,7 @@
 #                                        socket, workers = CPUs, its shipped config's defaults
 #                                        otherwise, script `function main(env, con) con:puts(s) end`,
 #                                        a new connection per request (see ORIG_KEEPALIVE)
-# const and luafcgid upstreams: keepalive $KEEPALIVE, fastcgi_keep_conn on.
+# const, const-batch and luafcgid upstreams: keepalive $KEEPALIVE, fastcgi_keep_conn on.
 # luafcgid runs as deployed: sandbox and limits on, a policy.toml in the document root
 # (limits and a ceiling) and one in the tenant directory site/ (tenant = "site"), the
 # audit log to a file; the script checks that the log has one request line per request,
@@ -106,8 +110,8 @@ for c in $CONNS; do [[ $c =~ ^[1-9][0-9]*$ ]] || die "CONNS: bad connection coun
 [[ $KEEPALIVE =~ ^[1-9][0-9]*$ ]] || die "KEEPALIVE must be a whole number of at least 1 (got '$KEEPALIVE')"
 for n in $PHP_CHILDREN; do [[ $n =~ ^[1-9][0-9]*$ ]] || die "PHP_CHILDREN: bad value '$n'"; done
 
-for tool in nginx wrk curl ss timeout; do
-    command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y nginx wrk curl iproute2 coreutils)"
+for tool in nginx wrk curl ss timeout chrt; do
+    command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y nginx wrk curl iproute2 coreutils util-linux)"
 done
 [[ -r /proc/self/stat ]] || die "/proc is needed to measure CPU time"
 
@@ -358,6 +362,7 @@ declare -a ROW_NAME=() ROW_PATH=() ROW_BACKEND=()
 add_row() { ROW_NAME+=("$1"); ROW_PATH+=("$2"); ROW_BACKEND+=("$3"); }
 add_row return /return ""
 add_row const /const const
+add_row const-batch /const-batch const-batch
 ((LUA_NGINX)) && add_row lua-nginx /lua-nginx ""
 for n in $PHP_CHILDREN; do add_row "php-fpm/$n" "/php-$n/hello.php" "php-$n"; done
 add_row lua-unix /lua-unix/site/hello.lua luafcgid
@@ -393,6 +398,7 @@ http {
     keepalive_requests 1000000;
 
     upstream const        { server unix:$T/const.sock;    keepalive $KEEPALIVE; keepalive_requests 1000000; }
+    upstream const_batch  { server unix:$T/const-batch.sock; keepalive $KEEPALIVE; keepalive_requests 1000000; }
     upstream lua_unix     { server unix:$T/lua.sock;      keepalive $KEEPALIVE; keepalive_requests 1000000; }
     upstream lua_tcp      { server 127.0.0.1:$LUA_TCP_PORT; keepalive $KEEPALIVE; keepalive_requests 1000000; }
 EOF
@@ -435,6 +441,14 @@ EOF
             fastcgi_param SCRIPT_NAME /const;
             fastcgi_keep_conn on;
             fastcgi_pass const;
+        }
+
+        location = /const-batch {
+            include $T/fastcgi_params;
+            fastcgi_param SCRIPT_FILENAME \$document_root/const;
+            fastcgi_param SCRIPT_NAME /const;
+            fastcgi_keep_conn on;
+            fastcgi_pass const_batch;
         }
 EOF
     for pair in lua-unix:lua_unix lua-tcp:lua_tcp; do
@@ -524,6 +538,11 @@ declare -A BACKEND_ERR=()   # key -> why it is not there
 start const "$BIN/fcgi-const" --listen "$T/const.sock"
 BACKEND_PID[const]=$LAST_PID
 wait_ready "$LAST_PID" const "unix:$T/const.sock" || BACKEND_ERR[const]="fcgi-const did not start"
+# chrt execs the responder, so the PID is the responder's.
+start const-batch chrt -b 0 "$BIN/fcgi-const" --listen "$T/const-batch.sock"
+BACKEND_PID[const-batch]=$LAST_PID
+wait_ready "$LAST_PID" const-batch "unix:$T/const-batch.sock" ||
+    BACKEND_ERR[const-batch]="fcgi-const under chrt -b 0 did not start"
 
 PHP_ROOT_FLAG=()
 ((EUID == 0)) && PHP_ROOT_FLAG=(-R)
@@ -776,27 +795,30 @@ median_ratio() {
         awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) printf "%.2fx\n", v[(NR + 1) / 2]; else printf "%.2fx\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-# Each luafcgid row against the constant responder round by round: the rows of one round
-# ran minutes apart at most, so these ratios show how much of the best-of-rounds ratio
-# the machine's drift between rounds makes.
+# Each luafcgid row against each constant responder (const, const-batch) round by round:
+# the rows of one round ran minutes apart at most, so these ratios show how much of the
+# best-of-rounds ratio the machine's drift between rounds makes.
 print_round_ratios() {
-    local const_i="" i c k rps p50
-    for i in "${!ROW_NAME[@]}"; do [[ ${ROW_NAME[i]} == const ]] && const_i=$i; done
-    [[ -n $const_i ]] || return 0
-    echo "Round by round against const (req/s ratio; p50 ratio), rounds in order:"
-    for c in $CONNS; do
-        for i in "${!ROW_NAME[@]}"; do
-            [[ ${ROW_BACKEND[i]} == luafcgid && -z ${ROW_ERR[$i]:-} ]] || continue
-            k="$i,$c"
-            [[ -n ${R_RPS[$k]:-} && -n ${R_RPS[$const_i,$c]:-} ]] || continue
-            rps=$(paste -d' ' <(tr ' ' '\n' <<<"${R_RPS[$k]}" | awk NF) \
-                <(tr ' ' '\n' <<<"${R_RPS[$const_i,$c]}" | awk NF) |
-                awk '{ printf "%s%.2fx", (NR > 1 ? " " : ""), ($2 > 0 ? $1 / $2 : 0) }')
-            p50=$(paste -d' ' <(tr ' ' '\n' <<<"${R_P50[$k]}" | awk NF) \
-                <(tr ' ' '\n' <<<"${R_P50[$const_i,$c]}" | awk NF) |
-                awk '{ printf "%s%s", (NR > 1 ? " " : ""), ($2 > 0 && $1 != "-" ? sprintf("%.2fx", $1 / $2) : "-") }')
-            printf '  %-13s c=%-3s req/s %s (median %s); p50 %s (median %s)\n' "${ROW_NAME[i]}" "$c" \
-                "$rps" "$(median_ratio "$rps")" "$p50" "$(median_ratio "$p50")"
+    local ref ref_i i c k rps p50
+    for ref in const const-batch; do
+        ref_i=""
+        for i in "${!ROW_NAME[@]}"; do [[ ${ROW_NAME[i]} == "$ref" ]] && ref_i=$i; done
+        [[ -n $ref_i ]] || continue
+        echo "Round by round against $ref (req/s ratio; p50 ratio), rounds in order:"
+        for c in $CONNS; do
+            for i in "${!ROW_NAME[@]}"; do
+                [[ ${ROW_BACKEND[i]} == luafcgid && -z ${ROW_ERR[$i]:-} ]] || continue
+                k="$i,$c"
+                [[ -n ${R_RPS[$k]:-} && -n ${R_RPS[$ref_i,$c]:-} ]] || continue
+                rps=$(paste -d' ' <(tr ' ' '\n' <<<"${R_RPS[$k]}" | awk NF) \
+                    <(tr ' ' '\n' <<<"${R_RPS[$ref_i,$c]}" | awk NF) |
+                    awk '{ printf "%s%.2fx", (NR > 1 ? " " : ""), ($2 > 0 ? $1 / $2 : 0) }')
+                p50=$(paste -d' ' <(tr ' ' '\n' <<<"${R_P50[$k]}" | awk NF) \
+                    <(tr ' ' '\n' <<<"${R_P50[$ref_i,$c]}" | awk NF) |
+                    awk '{ printf "%s%s", (NR > 1 ? " " : ""), ($2 > 0 && $1 != "-" ? sprintf("%.2fx", $1 / $2) : "-") }')
+                printf '  %-13s c=%-3s req/s %s (median %s); p50 %s (median %s)\n' "${ROW_NAME[i]}" "$c" \
+                    "$rps" "$(median_ratio "$rps")" "$p50" "$(median_ratio "$p50")"
+            done
         done
     done
 }
@@ -814,7 +836,7 @@ print_diagnostics() {
         echo "php-fpm/$n log: ${w:-0} warning/error lines"
         grep -iE 'warning|error' "$T/php-fpm-$n.log" 2>/dev/null | head -n 5 | sed 's/^/    /' || true
     done
-    for name in const luafcgid orig; do
+    for name in const const-batch luafcgid orig; do
         [[ -f $T/$name.err ]] || continue
         # Anything above INFO (luafcgid colours its stderr even into a file); the original
         # logs only problems.

@@ -42,6 +42,7 @@ pub use env::{default_libs, DEFAULT_LIBS, LIB_TABLES, OS_FUNCTIONS};
 pub use limits::PROBE_INTERVAL;
 pub use state::ScriptState;
 pub use status::status_reason;
+pub use vm::{leave_batch_scheduling, set_batch_scheduling};
 
 /// The most instruction units the VM runs between two calls of the budget hook (which
 /// counts them, checks the instruction budget, the deadline and, at most once a millisecond,

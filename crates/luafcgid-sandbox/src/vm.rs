@@ -16,6 +16,10 @@
 //! loop of expensive C calls. It parks when no run has been active for a while and a run
 //! start wakes it.
 //!
+//! It also sets threads' scheduling policies: a long run's thread goes under `SCHED_IDLE`
+//! and back, and a daemon may put its threads under `SCHED_BATCH`, which the watchdog
+//! leaves.
+//!
 //! What it does not do: decide anything. The hook (in `limits`) counts, compares and raises;
 //! this module only moves units and flags between the VM and the hook.
 
@@ -232,6 +236,9 @@ fn any_active() -> bool {
 
 /// The watchdog's loop: interrupt every active run each tick; park when idle.
 fn watch() {
+    // Under the normal policy even in a daemon that runs its threads as a batch: a run must
+    // be interrupted at its time limit, not when the task on the CPU ends its slice.
+    leave_batch_scheduling();
     let mut idle = 0u32;
     loop {
         std::thread::sleep(TICK);
@@ -290,20 +297,49 @@ fn set_thread_policy(tid: libc::pid_t, policy: libc::c_int) -> bool {
     unsafe { libc::sched_setscheduler(tid, policy, &param) == 0 }
 }
 
+fn current_policy(tid: libc::pid_t) -> libc::c_int {
+    // SAFETY: reads the policy of one of this process's threads.
+    unsafe { libc::sched_getscheduler(tid) }
+}
+
+/// Puts the calling thread under `SCHED_BATCH`, which the threads it starts afterwards
+/// inherit: when one of them wakes, it does not preempt the task running on its CPU but
+/// waits for that task's slice to end (or for it to sleep). A thread under any policy but
+/// the normal one is left as it is. Any thread may do this to itself without privilege.
+pub fn set_batch_scheduling() -> std::io::Result<()> {
+    let tid = current_tid();
+    if current_policy(tid) != libc::SCHED_OTHER {
+        return Ok(());
+    }
+    if set_thread_policy(tid, libc::SCHED_BATCH) {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Takes the calling thread from `SCHED_BATCH` back to the normal policy (any other policy
+/// is left as it is): for the threads whose wake-ups must not wait, such as the watchdog.
+pub fn leave_batch_scheduling() {
+    let tid = current_tid();
+    if current_policy(tid) == libc::SCHED_BATCH {
+        let _ = set_thread_policy(tid, libc::SCHED_OTHER);
+    }
+}
+
 /// Lowers the calling thread's CPU priority while it runs a long request: `SCHED_IDLE`, so
 /// it runs only on a CPU nothing else wants, and any other thread that wakes up (another
 /// tenant's short request, the front end, the web server) takes that CPU at once, where a
 /// higher nice value would still leave it time slices of milliseconds. Returns the policy to
-/// restore, or `None` when nothing was changed (a thread not under the normal policy is
-/// left alone).
+/// restore, or `None` when nothing was changed (a thread under neither the normal policy
+/// nor `SCHED_BATCH` is left alone).
 pub(crate) fn lower_thread_priority() -> Option<i32> {
     if !can_restore_priority() {
         return None;
     }
     let tid = current_tid();
-    // SAFETY: reads the policy of one of this process's threads.
-    let policy = unsafe { libc::sched_getscheduler(tid) };
-    if policy != libc::SCHED_OTHER {
+    let policy = current_policy(tid);
+    if policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH {
         return None;
     }
     set_thread_policy(tid, libc::SCHED_IDLE).then_some(policy)

@@ -169,6 +169,10 @@ pub struct ServeArgs {
     /// Lua worker threads (default: number of CPUs, at least 2).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// CPU scheduling of the daemon's threads: `batch` (default; a thread that wakes does
+    /// not preempt the web server) or `normal`.
+    #[arg(long, value_name = "POLICY")]
+    pub sched: Option<String>,
     /// Most Lua states kept, all scripts together.
     #[arg(long, value_name = "N")]
     pub states: Option<usize>,
@@ -197,6 +201,7 @@ impl ServeArgs {
             http: self.http.clone(),
             http_public: self.http_public,
             workers: self.workers,
+            sched: self.sched.clone(),
             states: self.states,
             clones: self.clones,
             sweep_ms: self.sweep_ms,

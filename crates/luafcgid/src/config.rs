@@ -124,6 +124,7 @@ pub struct RawConfig {
     pub http: Option<String>,
     pub http_public: Option<bool>,
     pub workers: Option<usize>,
+    pub sched: Option<String>,
     pub states: Option<usize>,
     pub memory_total: Option<luafcgid_policy::SizeValue>,
     pub sweep_ms: Option<u64>,
@@ -157,11 +158,35 @@ pub struct Overrides {
     /// `--http-public`: the development listener may bind beyond loopback.
     pub http_public: bool,
     pub workers: Option<usize>,
+    pub sched: Option<String>,
     pub states: Option<usize>,
     pub clones: Option<u32>,
     pub sweep_ms: Option<u64>,
     pub log: Option<PathBuf>,
     pub metrics: Option<String>,
+}
+
+/// How the daemon's threads are scheduled against the rest of the machine (`sched`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sched {
+    /// `SCHED_BATCH` (the default): a thread of the daemon that wakes does not preempt the
+    /// task running on its CPU (the web server, most often, in the middle of a batch of
+    /// events); it runs when that task's time slice ends or it sleeps. The sandbox's
+    /// watchdog and the driver watch stay under the normal policy, so limits and stalls are
+    /// noticed on time.
+    Batch,
+    /// `SCHED_OTHER`, the policy the daemon was started with.
+    Normal,
+}
+
+impl Sched {
+    /// The name in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sched::Batch => "batch",
+            Sched::Normal => "normal",
+        }
+    }
 }
 
 /// The validated configuration.
@@ -175,6 +200,8 @@ pub struct Config {
     pub extensions: Vec<String>,
     pub http: Option<SocketAddr>,
     pub workers: usize,
+    /// The CPU scheduling policy of the daemon's threads (`sched`).
+    pub sched: Sched,
     pub states: usize,
     pub memory_total: u64,
     pub sweep: Duration,
@@ -394,6 +421,16 @@ impl RawConfig {
         if !(1..=1024).contains(&workers) {
             return Err(e("workers", "must be between 1 and 1024".into()));
         }
+        let sched = match o.sched.as_deref().or(self.sched.as_deref()) {
+            None | Some("batch") => Sched::Batch,
+            Some("normal") => Sched::Normal,
+            Some(other) => {
+                return Err(e(
+                    "sched",
+                    format!("`{other}` is neither \"batch\" nor \"normal\""),
+                ))
+            }
+        };
         let states = o.states.or(self.states).unwrap_or(1000);
         if states == 0 {
             return Err(e("states", "must be at least 1".into()));
@@ -493,6 +530,7 @@ impl RawConfig {
             extensions,
             http,
             workers,
+            sched,
             states,
             memory_total,
             sweep,

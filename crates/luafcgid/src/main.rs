@@ -273,6 +273,13 @@ fn run(
         + Sync
         + 'static,
 ) -> anyhow::Result<()> {
+    // Before any thread starts, so that every thread inherits it (the watchdog and the
+    // driver watch leave it again).
+    if start.config.sched == luafcgid::config::Sched::Batch {
+        if let Err(e) = luafcgid_sandbox::set_batch_scheduling() {
+            tracing::warn!("sched = \"batch\": {e}; the threads keep the normal policy");
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(luafcgid::server::runtime_threads(start.config.workers))
         .thread_stack_size(luafcgid::server::THREAD_STACK)

@@ -331,6 +331,7 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         http,
         metrics,
         workers,
+        sched,
         max_connections,
         user,
         group
@@ -654,6 +655,7 @@ impl Server {
                 "version": env!("CARGO_PKG_VERSION"),
                 "listen": listening,
                 "workers": shared.config.workers,
+                "sched": shared.config.sched.name(),
                 "states": shared.config.states,
                 "nofile": limits.and_then(|l| l.nofile),
                 "core": limits.and_then(|l| l.core),
@@ -940,6 +942,8 @@ fn watch_driver(
     workers: usize,
     watch: &DriverWatch,
 ) {
+    // Wakes on time even when the daemon's other threads run as a batch.
+    luafcgid_sandbox::leave_batch_scheduling();
     watch.start();
     let running = || lua_slots.available_permits() < workers;
     let mut idle = 0u32;

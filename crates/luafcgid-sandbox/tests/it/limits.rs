@@ -307,6 +307,45 @@ fn policy_of(tid: i64) -> i64 {
 
 #[test]
 fn a_long_run_gives_up_cpu_priority_until_it_ends() {
+    long_run_gives_up_priority(false);
+}
+
+#[test]
+fn a_batch_thread_gives_up_cpu_priority_and_gets_batch_back() {
+    long_run_gives_up_priority(true);
+}
+
+#[test]
+fn batch_scheduling_is_set_and_left_on_the_calling_thread_only() {
+    std::thread::spawn(|| {
+        let tid = current_tid();
+        assert_eq!(policy_of(tid), i64::from(libc::SCHED_OTHER));
+        luafcgid_sandbox::set_batch_scheduling().unwrap();
+        assert_eq!(policy_of(tid), i64::from(libc::SCHED_BATCH));
+        // A thread started now inherits it.
+        let inherited = std::thread::spawn(|| policy_of(current_tid()))
+            .join()
+            .unwrap();
+        assert_eq!(inherited, i64::from(libc::SCHED_BATCH));
+        luafcgid_sandbox::leave_batch_scheduling();
+        assert_eq!(policy_of(tid), i64::from(libc::SCHED_OTHER));
+    })
+    .join()
+    .unwrap();
+    // The test's own thread was never touched.
+    assert_eq!(policy_of(current_tid()), i64::from(libc::SCHED_OTHER));
+}
+
+/// The calling thread's id.
+fn current_tid() -> i64 {
+    let tid = std::fs::read_link("/proc/thread-self").unwrap();
+    tid.file_name().unwrap().to_str().unwrap().parse().unwrap()
+}
+
+/// Runs a 300 ms request on a thread of its own (under `SCHED_BATCH` first when `batch`):
+/// the thread goes under `SCHED_IDLE` while the run lasts, where the process may undo it,
+/// and gets its policy back at the end.
+fn long_run_gives_up_priority(batch: bool) {
     // Only where the process may take a thread out of SCHED_IDLE again (root, or
     // RLIMIT_NICE): otherwise the daemon leaves priorities alone, and so does this check.
     let probe = std::thread::spawn(|| {
@@ -323,8 +362,10 @@ fn a_long_run_gives_up_cpu_priority_until_it_ends() {
     .unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let runner = std::thread::spawn(move || {
-        let tid = std::fs::read_link("/proc/thread-self").unwrap();
-        let tid: i64 = tid.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        if batch {
+            luafcgid_sandbox::set_batch_scheduling().unwrap();
+        }
+        let tid = current_tid();
         let before = policy_of(tid);
         tx.send(tid).unwrap();
         let mut s = load("function handler() local t = os.clock() while os.clock() - t < 0.3 do end return 'done' end");
@@ -345,7 +386,12 @@ fn a_long_run_gives_up_cpu_priority_until_it_ends() {
         std::thread::yield_now();
     }
     let (before, after) = runner.join().unwrap();
-    assert_eq!(before, i64::from(libc::SCHED_OTHER));
+    let expected = if batch {
+        libc::SCHED_BATCH
+    } else {
+        libc::SCHED_OTHER
+    };
+    assert_eq!(before, i64::from(expected));
     assert_eq!(
         after, before,
         "the policy is given back at the end of the run"

@@ -23,6 +23,7 @@ fn version_and_help() {
         "--docroot",
         "--http",
         "--workers",
+        "--sched",
         "--states",
         "--clones",
         "--sweep-ms",
@@ -67,6 +68,28 @@ fn usage_and_config_errors_exit_64() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
+    // A scheduling policy the daemon does not know, from the flag and from the file.
+    let out = luafcgid()
+        .args(["serve", "--check", "--docroot"])
+        .arg(dir.path())
+        .args(["--listen", ":9000", "--sched", "fifo"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sched") && err.contains("fifo"), "{err}");
+    let bad = dir.path().join("sched.toml");
+    std::fs::write(&bad, "sched = \"idle\"\n").unwrap();
+    let out = luafcgid()
+        .args(["serve", "--check", "--listen", ":9000", "--docroot"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sched") && err.contains("idle"), "{err}");
 }
 
 #[test]

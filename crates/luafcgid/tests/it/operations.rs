@@ -548,3 +548,93 @@ fn an_idle_daemon_lets_its_driver_watch_sleep() {
     // Parked, it still serves.
     assert_eq!(p.hello().len(), 16);
 }
+
+/// The scheduling policy (field 41 of stat(5)) of each of `pid`'s threads, with its name.
+fn policies_of(pid: u32) -> Vec<(String, i64)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        // A thread may end between the listing and the read.
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("stat")),
+        ) else {
+            continue;
+        };
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let policy = rest.split(' ').nth(38).unwrap().parse().unwrap();
+        threads.push((comm.trim_end().to_string(), policy));
+    }
+    threads
+}
+
+/// Waits (bounded) until every thread of `pid` has the policy `expected` gives its name,
+/// and the watchdog is among them; the policies seen last otherwise.
+fn wait_for_policies(pid: u32, expected: impl Fn(&str) -> i64) {
+    let t = Instant::now();
+    loop {
+        let threads = policies_of(pid);
+        let watchdog = threads.iter().any(|(name, _)| name == "luafcgid-watchd");
+        if watchdog && threads.iter().all(|(name, p)| *p == expected(name)) {
+            return;
+        }
+        assert!(t.elapsed() < BOUND, "threads and policies: {threads:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn the_daemons_threads_run_as_a_batch_but_the_watchdog_and_the_driver_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let p = Process::start(dir.path(), &log);
+    // A request starts the sandbox's watchdog.
+    p.hello();
+    wait_for_policies(p.child.id(), |name| match name {
+        "luafcgid-watchd" | "driver-watch" => i64::from(libc::SCHED_OTHER),
+        _ => i64::from(libc::SCHED_BATCH),
+    });
+    let names: Vec<String> = policies_of(p.child.id()).into_iter().map(|t| t.0).collect();
+    for name in ["luafcgid", "audit", "driver-watch"] {
+        assert!(
+            names.iter().any(|n| n == name),
+            "no {name} thread: {names:?}"
+        );
+    }
+    // A long run goes under SCHED_IDLE and comes back to the batch.
+    write(&p.root.join("spin.lua"), SPIN);
+    let mut c = Client::new(Box::new(UnixStream::connect(&p.sock).unwrap()));
+    let r = c.get(&p.root.join("spin.lua").display().to_string());
+    assert_eq!(r.text(), "spun");
+    wait_for_policies(p.child.id(), |name| match name {
+        "luafcgid-watchd" | "driver-watch" => i64::from(libc::SCHED_OTHER),
+        _ => i64::from(libc::SCHED_BATCH),
+    });
+    p.stop();
+    let start = audit_lines(&log)
+        .into_iter()
+        .find(|l| l["event"] == "start");
+    assert_eq!(start.unwrap()["sched"], "batch");
+}
+
+#[test]
+fn sched_normal_leaves_every_thread_under_the_normal_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let p = Process::start_with(dir.path(), &log, |mut argv| {
+        argv.push("--sched".into());
+        argv.push("normal".into());
+        crate::support::command_of(argv)
+    });
+    p.hello();
+    wait_for_policies(p.child.id(), |_| i64::from(libc::SCHED_OTHER));
+    p.stop();
+    let start = audit_lines(&log)
+        .into_iter()
+        .find(|l| l["event"] == "start");
+    assert_eq!(start.unwrap()["sched"], "normal");
+}
+
+/// A run of 50 ms of CPU: long enough to give up its priority (after 2 ms).
+const SPIN: &str =
+    "function handler() local t = os.clock() while os.clock() - t < 0.05 do end return 'spun' end";
