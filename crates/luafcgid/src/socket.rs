@@ -18,7 +18,8 @@
 //! the runtime (`unsafe` only because the runtime cannot see that its owner keeps it open),
 //! and reading into the spare capacity of the connection's buffer without zeroing it first
 //! (zeroing its spare room, 16 KiB or more, on every read cost time and made every
-//! connection's buffer resident).
+//! connection's buffer resident). Reads are `recv(2)`, not `read(2)`, which goes through
+//! the file layer first (a position lock and permission hooks a socket does not need).
 #![allow(unsafe_code)]
 
 use std::io::{self, Write};
@@ -166,14 +167,14 @@ impl<S: StreamSocket> AsyncRead for Connection<S> {
         let fd = this.socket.as_raw_fd();
         loop {
             let mut guard = ready!(this.socket.poll_read_ready(cx))?;
-            // SAFETY: only bytes `read(2)` wrote are marked initialised below; nothing is
+            // SAFETY: only bytes `recv(2)` wrote are marked initialised below; nothing is
             // read from the uninitialised part.
             let unfilled = unsafe { buf.unfilled_mut() };
             let room = unfilled.len();
             let got = guard.try_io(|_| {
                 // SAFETY: `unfilled` is writable for `room` bytes; `fd` is the open socket
                 // the `AsyncFd` owns.
-                let n = unsafe { libc::read(fd, unfilled.as_mut_ptr().cast(), room) };
+                let n = unsafe { libc::recv(fd, unfilled.as_mut_ptr().cast(), room, 0) };
                 usize::try_from(n).map_err(|_| io::Error::last_os_error())
             });
             match got {
@@ -183,7 +184,7 @@ impl<S: StreamSocket> AsyncRead for Connection<S> {
                         // asking again and getting `EAGAIN` (as the runtime's streams do).
                         guard.clear_ready();
                     }
-                    // SAFETY: `read(2)` initialised the first `n` bytes of `unfilled`.
+                    // SAFETY: `recv(2)` initialised the first `n` bytes of `unfilled`.
                     unsafe { buf.assume_init(n) };
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
