@@ -7,9 +7,9 @@
 # Usage: bench/nginx.sh
 #        DURATION=2 ROUNDS=1 WARMUP=0 bench/nginx.sh   # a smoke run, about 40 s
 #
-# Needs: nginx, wrk, curl, ss (iproute2), timeout (coreutils), php-fpm and Debian's
-# libnginx-mod-http-lua (apt-get install -y nginx wrk curl iproute2 php-fpm
-# libnginx-mod-http-lua). Without php-fpm or the Lua module, their rows are skipped with a
+# Needs: nginx, wrk, curl, ss (iproute2), timeout (coreutils), chrt (util-linux), php-fpm
+# and Debian's libnginx-mod-http-lua (apt-get install -y nginx wrk curl iproute2 util-linux
+# php-fpm libnginx-mod-http-lua). Without php-fpm or the Lua module, their rows are skipped with a
 # note saying what to install.
 #
 # Environment (all optional):
