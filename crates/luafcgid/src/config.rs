@@ -175,7 +175,7 @@ pub enum Sched {
     /// watchdog and the driver watch stay under the normal policy, so limits and stalls are
     /// noticed on time.
     Batch,
-    /// `SCHED_OTHER`, the policy the daemon was started with.
+    /// The policy the daemon was started with, left as it is (normally `SCHED_OTHER`).
     Normal,
 }
 

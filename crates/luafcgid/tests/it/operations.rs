@@ -583,6 +583,14 @@ fn wait_for_policies(pid: u32, expected: impl Fn(&str) -> i64) {
     }
 }
 
+/// The policy each thread of a daemon with `sched = "batch"` should have, by its name.
+fn batch_but_the_watchers(name: &str) -> i64 {
+    match name {
+        "luafcgid-watchd" | "driver-watch" => i64::from(libc::SCHED_OTHER),
+        _ => i64::from(libc::SCHED_BATCH),
+    }
+}
+
 #[test]
 fn the_daemons_threads_run_as_a_batch_but_the_watchdog_and_the_driver_watch() {
     let dir = tempfile::tempdir().unwrap();
@@ -590,10 +598,7 @@ fn the_daemons_threads_run_as_a_batch_but_the_watchdog_and_the_driver_watch() {
     let p = Process::start(dir.path(), &log);
     // A request starts the sandbox's watchdog.
     p.hello();
-    wait_for_policies(p.child.id(), |name| match name {
-        "luafcgid-watchd" | "driver-watch" => i64::from(libc::SCHED_OTHER),
-        _ => i64::from(libc::SCHED_BATCH),
-    });
+    wait_for_policies(p.child.id(), batch_but_the_watchers);
     let names: Vec<String> = policies_of(p.child.id()).into_iter().map(|t| t.0).collect();
     for name in ["luafcgid", "audit", "driver-watch"] {
         assert!(
@@ -606,10 +611,7 @@ fn the_daemons_threads_run_as_a_batch_but_the_watchdog_and_the_driver_watch() {
     let mut c = Client::new(Box::new(UnixStream::connect(&p.sock).unwrap()));
     let r = c.get(&p.root.join("spin.lua").display().to_string());
     assert_eq!(r.text(), "spun");
-    wait_for_policies(p.child.id(), |name| match name {
-        "luafcgid-watchd" | "driver-watch" => i64::from(libc::SCHED_OTHER),
-        _ => i64::from(libc::SCHED_BATCH),
-    });
+    wait_for_policies(p.child.id(), batch_but_the_watchers);
     p.stop();
     let start = audit_lines(&log)
         .into_iter()
