@@ -511,6 +511,10 @@ impl AuditLog {
         let writer = std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || {
+                // Under the normal policy even when the daemon's other threads run as a
+                // batch: at one connection through nginx, the p50 was 2-5% lower so
+                // (docs/performance.md, "Batch scheduling").
+                luafcgid_sandbox::leave_batch_scheduling();
                 writer.run(rx);
                 drop(finished_tx);
             })?;

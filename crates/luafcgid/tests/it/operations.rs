@@ -586,13 +586,13 @@ fn wait_for_policies(pid: u32, expected: impl Fn(&str) -> i64) {
 /// The policy each thread of a daemon with `sched = "batch"` should have, by its name.
 fn batch_but_the_watchers(name: &str) -> i64 {
     match name {
-        "luafcgid-watchd" | "driver-watch" => i64::from(libc::SCHED_OTHER),
+        "luafcgid-watchd" | "driver-watch" | "audit" => i64::from(libc::SCHED_OTHER),
         _ => i64::from(libc::SCHED_BATCH),
     }
 }
 
 #[test]
-fn the_daemons_threads_run_as_a_batch_but_the_watchdog_and_the_driver_watch() {
+fn the_daemons_threads_run_as_a_batch_but_the_watchdog_the_driver_watch_and_the_audit_writer() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit.jsonl");
     let p = Process::start(dir.path(), &log);
