@@ -17,8 +17,8 @@
 //! start wakes it.
 //!
 //! It also sets threads' scheduling policies: a long run's thread goes under `SCHED_IDLE`
-//! and back, and a daemon may put its threads under `SCHED_BATCH`, which the watchdog
-//! leaves.
+//! and back, and a daemon may put its threads under `SCHED_BATCH`, which the watchdog (and
+//! any thread that calls [`leave_batch_scheduling`]) leaves.
 //!
 //! What it does not do: decide anything. The hook (in `limits`) counts, compares and raises;
 //! this module only moves units and flags between the VM and the hook.

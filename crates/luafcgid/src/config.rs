@@ -187,6 +187,13 @@ impl Sched {
             Sched::Normal => "normal",
         }
     }
+
+    /// The policy of that name in the config file.
+    fn from_name(name: &str) -> Option<Sched> {
+        [Sched::Batch, Sched::Normal]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
 }
 
 /// The validated configuration.
@@ -422,14 +429,13 @@ impl RawConfig {
             return Err(e("workers", "must be between 1 and 1024".into()));
         }
         let sched = match o.sched.as_deref().or(self.sched.as_deref()) {
-            None | Some("batch") => Sched::Batch,
-            Some("normal") => Sched::Normal,
-            Some(other) => {
-                return Err(e(
+            None => Sched::Batch,
+            Some(name) => Sched::from_name(name).ok_or_else(|| {
+                e(
                     "sched",
-                    format!("`{other}` is neither \"batch\" nor \"normal\""),
-                ))
-            }
+                    format!("`{name}` is neither \"batch\" nor \"normal\""),
+                )
+            })?,
         };
         let states = o.states.or(self.states).unwrap_or(1000);
         if states == 0 {

@@ -273,8 +273,8 @@ fn run(
         + Sync
         + 'static,
 ) -> anyhow::Result<()> {
-    // Before any thread starts, so that every thread inherits it (the watchdog and the
-    // driver watch leave it again).
+    // Before any thread starts, so that every thread inherits it (the watchdog, the driver
+    // watch and the audit writer leave it again).
     if start.config.sched == luafcgid::config::Sched::Batch {
         if let Err(e) = luafcgid_sandbox::set_batch_scheduling() {
             tracing::warn!("sched = \"batch\": {e}; the threads keep the normal policy");
