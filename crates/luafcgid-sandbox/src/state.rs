@@ -22,6 +22,7 @@ use crate::modules::{install_require, source_text, ModuleSpace};
 use crate::request::{
     install_request_object, lock_ctx, request_env, request_object, Ctx, SharedCtx,
 };
+use crate::vm::{self, Called};
 use crate::{Failure, LimitKind, Limits, Report, RequestInput, Response, StateOptions};
 
 /// How the entry function is called.
@@ -221,7 +222,6 @@ impl ScriptState {
             Ok(())
         });
         let result = self.call_entry(run);
-        let result = result.and_then(|value| self.append_result(value));
         let (response, logs, logs_dropped) = self.end();
         let result = self.classify(result, limits).map(|()| response);
         Report {
@@ -237,22 +237,30 @@ impl ScriptState {
     /// Calls the entry function with the request object of run `run` (which carries the
     /// run's number, so that one a script keeps is dead after its request; the request
     /// itself is in the context, cleared by `end`).
-    fn call_entry(&self, run: u64) -> mlua::Result<Value> {
+    /// Its result is appended to the response.
+    fn call_entry(&self, run: u64) -> mlua::Result<()> {
         let r = request_object(run);
-        let entry = match self.globals.raw_get::<Value>(&self.entry_key)? {
-            Value::Function(f) => f,
-            _ => {
-                return Err(Error::runtime(format!(
-                    "entry function '{}' is not defined",
-                    self.entry_name
-                )))
-            }
+        let missing = || {
+            Err(Error::runtime(format!(
+                "entry function '{}' is not defined",
+                self.entry_name
+            )))
         };
         match self.entry_form {
-            EntryForm::Handler => entry.call::<Value>(r),
+            EntryForm::Handler => {
+                let append = |text: &[u8]| lock_ctx(&self.ctx, |ctx| ctx.append(text));
+                match vm::call_entry(&self.lua, &self.globals, &self.entry_key, r, append)? {
+                    Called::Returned(value) => self.append_result(value),
+                    Called::Raised(e) => Err(e),
+                    Called::Missing => missing(),
+                }
+            }
             EntryForm::Main => {
+                let Value::Function(entry) = self.globals.raw_get::<Value>(&self.entry_key)? else {
+                    return missing();
+                };
                 let env = request_env(&self.lua)?;
-                entry.call::<()>((env, r)).map(|()| Value::Nil)
+                entry.call::<()>((env, r))
             }
         }
     }

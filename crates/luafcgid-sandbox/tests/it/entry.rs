@@ -224,3 +224,26 @@ fn script_state_moves_between_threads() {
     .unwrap();
     assert_eq!(body(request(&mut state)), "3");
 }
+
+#[test]
+fn errors_read_the_same_from_both_entry_forms() {
+    // The handler form is called through the VM module, the main form through mlua's
+    // `Function::call`: their messages (and tracebacks) must not differ.
+    let bodies = [
+        "error('plain')",
+        "error(42)",
+        "error()",
+        "error(setmetatable({}, {__tostring = function() return 'shown' end}))",
+        "r:puts({})",
+        "r:header(nil)",
+        "local t = nil; return t.x",
+    ];
+    for body in bodies {
+        let mut handler = load(format!("function handler(r) {body} end"));
+        let mut main = load(format!("function main(env, r) {body} end"));
+        let from_handler = script_error(request(&mut handler.state));
+        let from_main = script_error(request(&mut main.state)).replace("'main'", "'handler'");
+        assert_eq!(from_handler, from_main, "{body}");
+        assert!(!from_handler.is_empty(), "{body}");
+    }
+}
