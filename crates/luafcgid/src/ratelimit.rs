@@ -313,7 +313,8 @@ impl std::fmt::Debug for Limiters {
 /// What a request is checked as.
 #[derive(Debug, Clone, Copy)]
 pub struct Subject<'a> {
-    /// The client key's value (the `client_key` param, else the peer address).
+    /// The client key's value (the `client_key` param, else the peer address); may be left
+    /// empty when [`Limiters::needs_client`] says it is not read.
     pub client: &'a [u8],
     /// The script's real path.
     pub script: &'a Path,
@@ -336,6 +337,12 @@ impl Limiters {
             tenants: Kind::new(max_keys),
             digest: RandomState::new(),
         }
+    }
+
+    /// Whether [`Limiters::check`] under `rate` reads [`Subject::client`]: only a per-client
+    /// limit does, so finding the client among a request's params can wait for one.
+    pub fn needs_client(&self, rate: &RateLimits) -> bool {
+        QuotaKey::of(rate.per_client, rate.burst).is_some()
     }
 
     /// Checks a request under `rate` (its effective policy's table) and the global rate,
@@ -538,6 +545,27 @@ mod tests {
             ..subject("10.0.0.3")
         };
         assert_eq!(limit(l.check(&all, &other_script)), Limit::PerTenant);
+    }
+
+    #[test]
+    fn the_client_is_needed_only_by_a_per_client_limit() {
+        let l = Limiters::new(rate(1, 1));
+        assert!(l.needs_client(&per_client(5, None)));
+        assert!(!l.needs_client(&per_client(0, None)), "a zero count is off");
+        let others = RateLimits {
+            per_script: rate(1, 3600),
+            per_tenant: rate(1, 3600),
+            burst: Some(3),
+            ..RateLimits::default()
+        };
+        assert!(!l.needs_client(&others));
+        // What `check` does without it: the same verdicts with the client left empty.
+        let unread = subject("");
+        assert_eq!(l.check(&others, &unread), Verdict::Allowed);
+        assert!(matches!(
+            l.check(&others, &subject("10.0.0.9")),
+            Verdict::Limited { .. }
+        ));
     }
 
     #[test]

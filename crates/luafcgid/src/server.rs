@@ -247,9 +247,15 @@ impl Shared {
         params: Option<&fastcgi_protocol::Params>,
         peer: &str,
     ) -> Verdict {
-        let client = params
-            .and_then(|p| p.get(self.config.client_key.as_bytes()))
-            .unwrap_or(peer.as_bytes());
+        // Found among the params (a scan of the twenty or so a web server sends) only when
+        // a per-client limit will read it.
+        let client = if self.rates.needs_client(&effective.policy.rate) {
+            params
+                .and_then(|p| p.get(self.config.client_key.as_bytes()))
+                .unwrap_or(peer.as_bytes())
+        } else {
+            &[]
+        };
         let subject = Subject {
             client,
             script: &script.key,
