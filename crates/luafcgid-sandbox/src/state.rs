@@ -265,11 +265,11 @@ impl ScriptState {
         }
     }
 
-    /// Appends the entry function's result: strings and numbers; nil adds nothing.
+    /// Appends the entry function's result when it is not a string (`vm::call_entry` hands
+    /// a string to its sink): a number; nil adds nothing; anything else is an error.
     fn append_result(&self, value: Value) -> mlua::Result<()> {
         match value {
             Value::Nil => Ok(()),
-            Value::String(s) => lock_ctx(&self.ctx, |ctx| ctx.append(&s.as_bytes())),
             v @ (Value::Integer(_) | Value::Number(_)) => {
                 crate::request::append_value(&self.lua, &v, "handler result")
             }
