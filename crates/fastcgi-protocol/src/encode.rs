@@ -87,6 +87,42 @@ pub fn encode_response(id: u16, stdout: &[u8], out: &mut Vec<u8>) {
     encode_end_request(id, 0, ProtocolStatus::RequestComplete, out);
 }
 
+/// Frames a whole response written in place, without copying it when it fits in one
+/// record: `out[start..start + HEADER_LEN]` was left for a record header (any bytes) and
+/// the stdout bytes run from there to the end of `out`. Afterwards `out[start..]` holds
+/// what [`encode_response`] would have appended at `start` for those bytes.
+///
+/// # Panics
+///
+/// If `out` is shorter than `start + HEADER_LEN`.
+pub fn frame_response(id: u16, out: &mut Vec<u8>, start: usize) {
+    let content = out.len() - (start + HEADER_LEN);
+    if content == 0 || content > MAX_CONTENT_LEN {
+        // No record of its own (empty), or several: framed by copy.
+        let stdout = out.split_off(start + HEADER_LEN);
+        out.truncate(start);
+        encode_response(id, &stdout, out);
+        return;
+    }
+    let pad = padding_for(content);
+    let [id_hi, id_lo] = id.to_be_bytes();
+    let [len_hi, len_lo] = (content as u16).to_be_bytes();
+    out[start..start + HEADER_LEN].copy_from_slice(&[
+        crate::FCGI_VERSION_1,
+        record_type::STDOUT,
+        id_hi,
+        id_lo,
+        len_hi,
+        len_lo,
+        pad as u8,
+        0,
+    ]);
+    out.reserve(pad + HEADER_LEN + record_size(8));
+    out.extend_from_slice(&ZEROS[..pad]);
+    encode_record(record_type::STDOUT, id, &[], out);
+    encode_end_request(id, 0, ProtocolStatus::RequestComplete, out);
+}
+
 /// Appends a `GET_VALUES_RESULT` management record holding `pairs`. Pairs that
 /// would not fit in one record are left out.
 pub fn encode_get_values_result(pairs: &[(&[u8], &[u8])], out: &mut Vec<u8>) {
@@ -189,6 +225,34 @@ mod tests {
         expected.extend_from_slice(&[1, 6, 0, 3, 0, 0, 0, 0]);
         expected.extend_from_slice(&[1, 3, 0, 3, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn a_response_framed_in_place_is_the_one_encoded_by_copy() {
+        for len in [
+            0,
+            1,
+            7,
+            8,
+            9,
+            100,
+            MAX_CONTENT_LEN - 1,
+            MAX_CONTENT_LEN,
+            MAX_CONTENT_LEN + 1,
+            200_000,
+        ] {
+            let stdout: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+            let mut expected = b"before".to_vec();
+            encode_response(513, &stdout, &mut expected);
+            let mut framed = b"before".to_vec();
+            framed.extend_from_slice(&[0xff; HEADER_LEN]);
+            framed.extend_from_slice(&stdout);
+            frame_response(513, &mut framed, 6);
+            assert!(
+                framed == expected,
+                "{len} bytes of stdout framed differently"
+            );
+        }
     }
 
     #[test]

@@ -54,7 +54,7 @@ mod params;
 pub use decoder::{Decoder, Event, Request};
 pub use encode::{
     encode_end_request, encode_get_values_result, encode_record, encode_response, encode_stream,
-    encode_unknown_type,
+    encode_unknown_type, frame_response,
 };
 pub use params::{encode_pair, Params, ParamsError};
 

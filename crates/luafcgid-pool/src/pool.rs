@@ -463,7 +463,9 @@ impl<S: Pooled> StatePool<S> {
         let worn = (max_requests > 0 && state.requests() >= max_requests)
             || (!max_age.is_zero() && lease.created.elapsed() >= max_age);
         let memory = state.memory();
-        let mut doomed = vec![state];
+        // The returned state while it is not kept; dropped, like `doomed`, after the lock.
+        let mut returned = Some(state);
+        let mut doomed = Vec::new();
         let mut evicted = Vec::new();
         {
             let mut guard = self.lock();
@@ -474,13 +476,14 @@ impl<S: Pooled> StatePool<S> {
                 Some(entry) => {
                     entry.leased -= 1;
                     if keep && entry.generation == lease.generation {
-                        let state = doomed.pop().expect("the returned state");
-                        entry.idle.push(Idle {
-                            state,
-                            created: lease.created,
-                            memory,
-                        });
-                        inner.memory += memory;
+                        if let Some(state) = returned.take() {
+                            entry.idle.push(Idle {
+                                state,
+                                created: lease.created,
+                                memory,
+                            });
+                            inner.memory += memory;
+                        }
                     } else if !lease.transient {
                         inner.total -= 1;
                     }
@@ -514,6 +517,7 @@ impl<S: Pooled> StatePool<S> {
                 evicted.push(victim);
             }
         }
+        drop(returned);
         drop_all(doomed);
         evicted
     }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fastcgi_protocol::{encode_end_request, encode_response, Params, ProtocolStatus};
+use fastcgi_protocol::{encode_end_request, frame_response, Params, ProtocolStatus, HEADER_LEN};
 use luafcgid_policy::{Effective, Resolution};
 use luafcgid_pool::{Retire, Version};
 use luafcgid_sandbox::{
@@ -211,10 +211,20 @@ fn emit(shared: &Shared, inc: &mut Incoming, mut audit: Audit) {
     }));
 }
 
-fn frame(framing: Framing, cgi: &[u8], out: &mut Vec<u8>) {
-    match framing {
-        Framing::FastCgi { id } => encode_response(id, cgi, out),
-        Framing::Cgi => out.extend_from_slice(cgi),
+/// A reply's buffer, empty but for room in front for its record header: the CGI output is
+/// written after it, then [`frame`] frames it in place (not copied into records).
+fn reply_buffer(framing: Framing, capacity: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(capacity);
+    if let Framing::FastCgi { .. } = framing {
+        bytes.resize(HEADER_LEN, 0);
+    }
+    bytes
+}
+
+/// Frames the CGI output written into a [`reply_buffer`].
+fn frame(framing: Framing, bytes: &mut Vec<u8>) {
+    if let Framing::FastCgi { id } = framing {
+        frame_response(id, bytes, 0);
     }
 }
 
@@ -234,17 +244,16 @@ pub fn answer_early(
 ) -> Reply {
     let request_id = shared.ids.next_id();
     let status = outcome.status();
-    let mut cgi = Vec::with_capacity(512);
+    let mut bytes = reply_buffer(inc.framing, 512);
     error_page(
         status,
         &request_id,
         None,
         retry_after,
         is_head(&inc.params),
-        &mut cgi,
+        &mut bytes,
     );
-    let mut bytes = Vec::with_capacity(cgi.len() + 64);
-    frame(inc.framing, &cgi, &mut bytes);
+    frame(inc.framing, &mut bytes);
     emit(
         shared,
         inc,
@@ -774,10 +783,10 @@ fn run(
     // while this one's reply is rendered and its audit line queued.
     drop(permits);
     log_script_messages(shared, &request_id, &script, logs);
-    let mut cgi = Vec::with_capacity(256);
+    let mut bytes = reply_buffer(inc.framing, 320);
     let (outcome, status, bytes_out, error) = match &result {
         Ok(resp) => {
-            render(resp, &shared.defaults, &request_id, head, &mut cgi);
+            render(resp, &shared.defaults, &request_id, head, &mut bytes);
             (
                 Outcome::Ok,
                 resp.status.unwrap_or(shared.defaults.status),
@@ -797,7 +806,7 @@ fn run(
                     detail,
                     retry_after,
                     head,
-                    &mut cgi,
+                    &mut bytes,
                 );
             }
             (outcome, outcome.status(), 0, Some(message))
@@ -819,13 +828,14 @@ fn run(
             error,
         },
     );
-    let mut bytes = Vec::with_capacity(cgi.len() + 64);
     if outcome == Outcome::Aborted {
+        // No output: the request ends with its END_REQUEST alone.
+        bytes.clear();
         if let Framing::FastCgi { id } = inc.framing {
             encode_end_request(id, 1, ProtocolStatus::RequestComplete, &mut bytes);
         }
     } else {
-        frame(inc.framing, &cgi, &mut bytes);
+        frame(inc.framing, &mut bytes);
     }
     Reply {
         framing: inc.framing,
