@@ -201,7 +201,7 @@ p50_us() { # wrk --latency output -> its p50 in microseconds
 }
 median() {
     tr ' ' '\n' | awk NF | sort -g |
-        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.4g\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.6g\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 ratio() { awk -v x="$1" -v y="$2" 'BEGIN { printf "%.4f", x / y }'; }
 

@@ -70,6 +70,14 @@ fn read_pair(buf: &[u8], mut pos: usize) -> Result<(usize, usize, usize, usize),
     Ok((pos, name_len, value_len, end))
 }
 
+/// Whether two param names are the same. The names a web server sends share their lengths
+/// and prefixes often (`REMOTE_ADDR`, `REQUEST_URI`, `SERVER_NAME`, ...) but rarely their
+/// last byte: compared first, it settles most pairs without a call to `memcmp`.
+#[inline]
+fn same_name(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.last() == b.last() && a == b
+}
+
 impl Params {
     /// Decodes a complete name-value pair stream, taking ownership of it.
     ///
@@ -114,8 +122,26 @@ impl Params {
     pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
         self.entries
             .iter()
-            .find(|e| self.name_of(e) == name)
+            .find(|e| same_name(self.name_of(e), name))
             .map(|e| self.value_of(e))
+    }
+
+    /// The first values of the params named `names`, found in one pass over the pairs.
+    pub fn first_of<const N: usize>(&self, names: [&[u8]; N]) -> [Option<&[u8]>; N] {
+        let mut found = [None; N];
+        let mut missing = N;
+        for (name, value) in self.iter() {
+            for (slot, wanted) in found.iter_mut().zip(names) {
+                if slot.is_none() && same_name(name, wanted) {
+                    *slot = Some(value);
+                    missing -= 1;
+                }
+            }
+            if missing == 0 {
+                break;
+            }
+        }
+        found
     }
 
     /// All pairs in arrival order, duplicates included.
@@ -191,6 +217,32 @@ mod tests {
             encode_pair(n, v, &mut out);
         }
         out
+    }
+
+    #[test]
+    fn first_of_finds_the_first_value_of_each_name_in_one_pass() {
+        let raw = stream(&[
+            (b"REMOTE_ADDR", b"192.0.2.1"),
+            (b"REQUEST_URI", b"/first"),
+            (b"REQUEST_URL", b"/not-this"),
+            (b"REQUEST_URI", b"/second"),
+            (b"SERVER_NAME", b"example"),
+            (b"", b"empty name"),
+        ]);
+        let p = Params::decode(raw).unwrap();
+        assert_eq!(
+            p.first_of([b"REQUEST_URI", b"REMOTE_ADDR", b"REQUEST_METHOD", b""]),
+            [
+                Some(&b"/first"[..]),
+                Some(&b"192.0.2.1"[..]),
+                None,
+                Some(&b"empty name"[..]),
+            ]
+        );
+        // Same length, same last byte, different elsewhere.
+        assert_eq!(p.first_of([b"REQUEST_XRI"]), [None]);
+        assert_eq!(p.get(b"REQUEST_XRI"), None);
+        assert_eq!(p.get(b"REQUEST_URL"), Some(&b"/not-this"[..]));
     }
 
     #[test]

@@ -101,10 +101,9 @@ struct Audit {
     error: Option<String>,
 }
 
-/// A param's value as log text: its first [`AUDIT_TEXT_MAX`] bytes, invalid UTF-8 replaced
-/// (a client cannot keep its URI out of the log by making it invalid UTF-8).
+/// A param's value as log text, invalid UTF-8 replaced (a client cannot keep its URI out of
+/// the log by making it invalid UTF-8).
 fn log_text(v: &[u8]) -> std::borrow::Cow<'_, str> {
-    let v = &v[..v.len().min(AUDIT_TEXT_MAX)];
     // Valid UTF-8 (nearly always) is checked by the faster test first.
     match std::str::from_utf8(v) {
         Ok(text) => std::borrow::Cow::Borrowed(text),
@@ -112,32 +111,76 @@ fn log_text(v: &[u8]) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// The first values of the params named `names`, found in one pass over the params.
-fn first_values<'a, const N: usize>(p: &'a Params, names: [&[u8]; N]) -> [Option<&'a [u8]>; N] {
-    let mut found = [None; N];
-    let mut missing = N;
-    for (name, value) in p.iter() {
-        for (slot, wanted) in found.iter_mut().zip(names) {
-            if slot.is_none() && name == wanted {
-                *slot = Some(value);
-                missing -= 1;
-            }
-        }
-        if missing == 0 {
-            break;
-        }
-    }
-    found
+/// Bytes of the params a request line shows kept in the line itself; longer ones (a long
+/// URI) are kept in an allocation of their own.
+const LOGGED_INLINE: usize = 128;
+
+/// The params a request line shows (the client key's, `REQUEST_METHOD` and `REQUEST_URI`),
+/// copied out of the request: the first [`AUDIT_TEXT_MAX`] bytes of each, one after another.
+/// The params themselves stay with the thread that decoded them, which frees them and soon
+/// reuses their memory for the next request's, still in its cache.
+struct LoggedParams {
+    inline: [u8; LOGGED_INLINE],
+    /// The values when they do not fit in `inline`, else empty.
+    heap: Vec<u8>,
+    /// Where each value ends; `None` for a param the request did not send.
+    ends: [Option<u16>; 3],
 }
 
-/// A request's audit line as queued: what it is made of, moved out of the request, written
-/// as JSON by the audit log's writer thread.
+impl LoggedParams {
+    fn of(params: &Params, client_key: &str) -> LoggedParams {
+        let found = params
+            .first_of([client_key.as_bytes(), b"REQUEST_METHOD", b"REQUEST_URI"])
+            .map(|v| v.map(|v| &v[..v.len().min(AUDIT_TEXT_MAX)]));
+        let total: usize = found.iter().flatten().map(|v| v.len()).sum();
+        let mut logged = LoggedParams {
+            inline: [0; LOGGED_INLINE],
+            heap: Vec::new(),
+            ends: [None; 3],
+        };
+        if total > LOGGED_INLINE {
+            logged.heap.reserve_exact(total);
+        }
+        let mut end = 0;
+        for (slot, value) in logged.ends.iter_mut().zip(found) {
+            let Some(value) = value else { continue };
+            if total <= LOGGED_INLINE {
+                logged.inline[end..end + value.len()].copy_from_slice(value);
+            } else {
+                logged.heap.extend_from_slice(value);
+            }
+            end += value.len();
+            // At most three values of at most AUDIT_TEXT_MAX bytes each: it fits.
+            *slot = u16::try_from(end).ok();
+        }
+        logged
+    }
+
+    /// The client key's, the method's and the URI's values, as sent (cut).
+    fn values(&self) -> [Option<&[u8]>; 3] {
+        let bytes: &[u8] = if self.heap.is_empty() {
+            &self.inline
+        } else {
+            &self.heap
+        };
+        let mut start = 0;
+        self.ends.map(|end| {
+            end.map(|end| {
+                let end = usize::from(end);
+                let v = &bytes[start..end];
+                start = end;
+                v
+            })
+        })
+    }
+}
+
+/// A request's audit line as queued: what it is made of, moved or copied out of the
+/// request, written as JSON by the audit log's writer thread.
 struct Line {
     at: Duration,
-    /// The request's params, where its client key, method and URI are read.
-    params: Params,
-    /// The name of the client key's param.
-    client_key: Arc<str>,
+    /// The request's client key, method and URI.
+    params: LoggedParams,
     peer: Arc<str>,
     duration_us: u64,
     bytes_in: u64,
@@ -146,15 +189,7 @@ struct Line {
 
 impl RequestLine for Line {
     fn write(&self, out: &mut Vec<u8>) {
-        let [client, method, uri] = first_values(
-            &self.params,
-            [
-                self.client_key.as_bytes(),
-                b"REQUEST_METHOD",
-                b"REQUEST_URI",
-            ],
-        )
-        .map(|v| v.map(log_text));
+        let [client, method, uri] = self.params.values().map(|v| v.map(log_text));
         let a = &self.audit;
         let effective = a.effective.as_deref();
         let script = a.script.as_deref();
@@ -186,13 +221,13 @@ impl RequestLine for Line {
 
     fn cost(&self) -> usize {
         std::mem::size_of::<Line>()
-            + self.params.heap_size()
+            + self.params.heap.capacity()
             + self.audit.error.as_ref().map_or(0, String::len)
     }
 }
 
-/// Counts the request in the metrics and queues its audit line. The request's params move
-/// into the line.
+/// Counts the request in the metrics and queues its audit line, with a copy of the params
+/// it shows.
 fn emit(shared: &Shared, inc: &mut Incoming, mut audit: Audit) {
     let elapsed = inc.received.elapsed();
     shared.metrics.request(audit.outcome, audit.status, elapsed);
@@ -202,8 +237,7 @@ fn emit(shared: &Shared, inc: &mut Incoming, mut audit: Audit) {
     }
     shared.audit.emit_request(Box::new(Line {
         at: crate::audit::now(),
-        params: std::mem::take(&mut inc.params),
-        client_key: shared.config.client_key.clone(),
+        params: LoggedParams::of(&inc.params, &shared.config.client_key),
         peer: inc.peer.clone(),
         duration_us: elapsed.as_micros() as u64,
         bytes_in: inc.body_len,
@@ -850,15 +884,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_queued_line_counts_the_params_it_holds() {
+    fn a_queued_line_holds_and_counts_only_the_params_it_shows_cut() {
         let mut raw = Vec::new();
+        fastcgi_protocol::encode_pair(b"HTTP_COOKIE", &vec![b'c'; 50_000], &mut raw);
         fastcgi_protocol::encode_pair(b"REQUEST_URI", &vec![b'u'; 100_000], &mut raw);
+        fastcgi_protocol::encode_pair(b"REQUEST_METHOD", b"GET", &mut raw);
+        fastcgi_protocol::encode_pair(b"REQUEST_URI", b"/second", &mut raw);
         let params = Params::decode(raw).unwrap();
-        let held = params.heap_size();
+        let logged = LoggedParams::of(&params, "REMOTE_ADDR");
+        assert_eq!(
+            logged.heap.len(),
+            AUDIT_TEXT_MAX + 3,
+            "the cookie is not copied"
+        );
+        let held = logged.heap.capacity();
         let line = Line {
             at: Duration::ZERO,
-            params,
-            client_key: Arc::from("REMOTE_ADDR"),
+            params: logged,
             peer: Arc::from("127.0.0.1"),
             duration_us: 0,
             bytes_in: 0,
@@ -884,8 +926,39 @@ mod tests {
         let mut out = Vec::new();
         line.write(&mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["uri"].as_str().unwrap().len(), AUDIT_TEXT_MAX);
-        assert_eq!(v["client"], "127.0.0.1");
+        assert_eq!(v["uri"].as_str().unwrap(), "u".repeat(AUDIT_TEXT_MAX));
+        assert_eq!(v["method"], "GET");
+        assert_eq!(
+            v["client"], "127.0.0.1",
+            "the peer, without the client key's param"
+        );
+    }
+
+    #[test]
+    fn logged_params_read_back_as_sent_in_the_line_and_beyond_it() {
+        for len in LOGGED_INLINE - 5..LOGGED_INLINE + 5 {
+            let uri: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut raw = Vec::new();
+            fastcgi_protocol::encode_pair(b"REQUEST_METHOD", b"GET", &mut raw);
+            fastcgi_protocol::encode_pair(b"REQUEST_URI", &uri, &mut raw);
+            let logged = LoggedParams::of(&Params::decode(raw).unwrap(), "REMOTE_ADDR");
+            assert_eq!(logged.heap.is_empty(), len + 3 <= LOGGED_INLINE, "{len}");
+            assert_eq!(logged.values(), [None, Some(&b"GET"[..]), Some(&uri[..])]);
+        }
+    }
+
+    #[test]
+    fn a_line_shows_the_client_keys_param_and_no_absent_param() {
+        let mut raw = Vec::new();
+        fastcgi_protocol::encode_pair(b"REQUEST_URI", b"/a?\xff", &mut raw);
+        fastcgi_protocol::encode_pair(b"X_CLIENT", b"203.0.113.9", &mut raw);
+        let params = Params::decode(raw).unwrap();
+        let logged = LoggedParams::of(&params, "X_CLIENT");
+        assert!(logged.heap.is_empty(), "short values are kept in the line");
+        assert_eq!(
+            logged.values(),
+            [Some(&b"203.0.113.9"[..]), None, Some(&b"/a?\xff"[..])]
+        );
     }
 
     #[test]
