@@ -228,7 +228,7 @@ impl RequestLine for Line {
 
 /// Counts the request in the metrics and queues its audit line, with a copy of the params
 /// it shows.
-fn emit(shared: &Shared, inc: &mut Incoming, mut audit: Audit) {
+fn emit(shared: &Shared, inc: &Incoming, params: LoggedParams, mut audit: Audit) {
     let elapsed = inc.received.elapsed();
     shared.metrics.request(audit.outcome, audit.status, elapsed);
     if let Some(error) = &mut audit.error {
@@ -237,7 +237,7 @@ fn emit(shared: &Shared, inc: &mut Incoming, mut audit: Audit) {
     }
     shared.audit.emit_request(Box::new(Line {
         at: crate::audit::now(),
-        params: LoggedParams::of(&inc.params, &shared.config.client_key),
+        params,
         peer: inc.peer.clone(),
         duration_us: elapsed.as_micros() as u64,
         bytes_in: inc.body_len,
@@ -262,8 +262,11 @@ fn frame(framing: Framing, bytes: &mut Vec<u8>) {
     }
 }
 
-fn is_head(p: &Params) -> bool {
-    p.get(b"REQUEST_METHOD") == Some(b"HEAD")
+impl LoggedParams {
+    /// Whether the request's method is `HEAD` (its reply then has headers only).
+    fn is_head(&self) -> bool {
+        self.values()[1] == Some(b"HEAD")
+    }
 }
 
 /// Answers `inc` with an error page without running Lua.
@@ -278,19 +281,21 @@ pub fn answer_early(
 ) -> Reply {
     let request_id = shared.ids.next_id();
     let status = outcome.status();
+    let logged = LoggedParams::of(&inc.params, &shared.config.client_key);
     let mut bytes = reply_buffer(inc.framing, 512);
     error_page(
         status,
         &request_id,
         None,
         retry_after,
-        is_head(&inc.params),
+        logged.is_head(),
         &mut bytes,
     );
     frame(inc.framing, &mut bytes);
     emit(
         shared,
         inc,
+        logged,
         Audit {
             request_id,
             script: script.cloned(),
@@ -737,7 +742,8 @@ fn run(
 ) -> Reply {
     let policy = &effective.policy;
     let request_id = shared.ids.next_id();
-    let head = is_head(&inc.params);
+    let logged = LoggedParams::of(&inc.params, &shared.config.client_key);
+    let head = logged.is_head();
     let limits = Limits {
         instructions: policy.instructions,
         timeout: policy.timeout,
@@ -849,6 +855,7 @@ fn run(
     emit(
         shared,
         inc,
+        logged,
         Audit {
             request_id,
             script: Some(script),

@@ -421,6 +421,21 @@ fn head_has_no_body() {
 }
 
 #[test]
+fn head_of_an_error_page_has_no_body() {
+    let d = Daemon::start("", &[("hello.lua", HELLO)]);
+    let r = d.client().request(
+        1,
+        true,
+        &params_for(&d.script("missing.lua"), "HEAD", &[]),
+        b"",
+    );
+    assert_eq!(r.status, 404);
+    assert!(r.body.is_empty(), "{:?}", r.body);
+    let length: usize = r.header("Content-Length").unwrap().parse().unwrap();
+    assert!(length > 0, "the length of the page a GET would get");
+}
+
+#[test]
 fn global_headers_and_defaults() {
     let d = Daemon::start(
         "headers = [\"X-Powered-By: Lua\"]\ndefault_content_type = \"text/plain\"\n",
