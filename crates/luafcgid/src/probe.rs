@@ -17,6 +17,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use fastcgi_protocol::{parse_header, record_type, Status};
 use luafcgid_sandbox::ClientProbe;
@@ -41,6 +42,20 @@ impl SocketProbe {
             request_id,
             handed_off: AtomicBool::new(false),
         }
+    }
+
+    /// `probe` again for a run of `request_id` on its socket, when nothing else holds it any
+    /// more (the run it was made for ended); else a new probe of `fd`, kept in `probe`.
+    /// Spares a connection an allocation per request.
+    pub fn reuse(probe: &mut Arc<SocketProbe>, fd: RawFd, request_id: Option<u16>) -> Arc<Self> {
+        match Arc::get_mut(probe) {
+            Some(p) if p.fd == Some(fd) => {
+                p.request_id = request_id;
+                *p.handed_off.get_mut() = false;
+            }
+            _ => *probe = Arc::new(SocketProbe::new(fd, request_id)),
+        }
+        probe.clone()
     }
 
     /// A probe that watches no socket (the connection task watches it) and only hands the
@@ -161,6 +176,32 @@ mod tests {
         assert!(
             !has_abort(&b[..b.len() - 3], 7),
             "a cut header is not an abort"
+        );
+    }
+
+    #[test]
+    fn a_probe_is_reused_only_once_no_run_holds_it() {
+        use std::os::fd::AsRawFd;
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = a.as_raw_fd();
+        let mut spare = Arc::new(SocketProbe::new(fd, None));
+        let first = SocketProbe::reuse(&mut spare, fd, Some(1));
+        assert!(Arc::ptr_eq(&first, &spare), "nothing held it: reused");
+        first.gone();
+        let second = SocketProbe::reuse(&mut spare, fd, Some(2));
+        assert!(
+            !Arc::ptr_eq(&first, &second),
+            "the first run still holds its probe"
+        );
+        assert_eq!(first.request_id, Some(1), "and it is left as it was");
+        assert!(first.handed_off.load(Ordering::Relaxed));
+        drop((first, second));
+        let third = SocketProbe::reuse(&mut spare, fd, Some(3));
+        assert!(Arc::ptr_eq(&third, &spare));
+        assert_eq!(third.request_id, Some(3));
+        assert!(
+            !third.handed_off.load(Ordering::Relaxed),
+            "a new run hands off anew"
         );
     }
 
