@@ -26,6 +26,22 @@ fn stream_size(data_len: usize) -> usize {
     full * record_size(MAX_CONTENT_LEN) + if rest > 0 { record_size(rest) } else { 0 }
 }
 
+/// The header of a record of `kind` for `id` with `len` bytes of content and `pad` of padding.
+fn header(kind: u8, id: u16, len: u16, pad: usize) -> [u8; HEADER_LEN] {
+    let [id_hi, id_lo] = id.to_be_bytes();
+    let [len_hi, len_lo] = len.to_be_bytes();
+    [
+        crate::FCGI_VERSION_1,
+        kind,
+        id_hi,
+        id_lo,
+        len_hi,
+        len_lo,
+        pad as u8,
+        0,
+    ]
+}
+
 /// Appends one record: header, `content`, zero padding to a multiple of 8.
 ///
 /// # Panics
@@ -38,21 +54,9 @@ pub fn encode_record(kind: u8, id: u16, content: &[u8], out: &mut Vec<u8>) {
         "FastCGI record content is at most 65535 bytes, got {}",
         content.len()
     );
-    let len = content.len() as u16;
     let pad = padding_for(content.len());
     out.reserve(HEADER_LEN + content.len() + pad);
-    let [id_hi, id_lo] = id.to_be_bytes();
-    let [len_hi, len_lo] = len.to_be_bytes();
-    out.extend_from_slice(&[
-        crate::FCGI_VERSION_1,
-        kind,
-        id_hi,
-        id_lo,
-        len_hi,
-        len_lo,
-        pad as u8,
-        0,
-    ]);
+    out.extend_from_slice(&header(kind, id, content.len() as u16, pad));
     out.extend_from_slice(content);
     out.extend_from_slice(&ZEROS[..pad]);
 }
@@ -105,18 +109,12 @@ pub fn frame_response(id: u16, out: &mut Vec<u8>, start: usize) {
         return;
     }
     let pad = padding_for(content);
-    let [id_hi, id_lo] = id.to_be_bytes();
-    let [len_hi, len_lo] = (content as u16).to_be_bytes();
-    out[start..start + HEADER_LEN].copy_from_slice(&[
-        crate::FCGI_VERSION_1,
+    out[start..start + HEADER_LEN].copy_from_slice(&header(
         record_type::STDOUT,
-        id_hi,
-        id_lo,
-        len_hi,
-        len_lo,
-        pad as u8,
-        0,
-    ]);
+        id,
+        content as u16,
+        pad,
+    ));
     out.reserve(pad + HEADER_LEN + record_size(8));
     out.extend_from_slice(&ZEROS[..pad]);
     encode_record(record_type::STDOUT, id, &[], out);

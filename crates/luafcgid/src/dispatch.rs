@@ -156,6 +156,11 @@ impl LoggedParams {
         logged
     }
 
+    /// Whether the request's method is `HEAD` (its reply then has headers only).
+    fn is_head(&self) -> bool {
+        self.values()[1] == Some(b"HEAD")
+    }
+
     /// The client key's, the method's and the URI's values, as sent (cut).
     fn values(&self) -> [Option<&[u8]>; 3] {
         let bytes: &[u8] = if self.heap.is_empty() {
@@ -259,13 +264,6 @@ fn reply_buffer(framing: Framing, capacity: usize) -> Vec<u8> {
 fn frame(framing: Framing, bytes: &mut Vec<u8>) {
     if let Framing::FastCgi { id } = framing {
         frame_response(id, bytes, 0);
-    }
-}
-
-impl LoggedParams {
-    /// Whether the request's method is `HEAD` (its reply then has headers only).
-    fn is_head(&self) -> bool {
-        self.values()[1] == Some(b"HEAD")
     }
 }
 
