@@ -702,11 +702,16 @@ impl Load {
     }
 }
 
+/// The audit log's whole lines so far, parsed. Read while the daemon writes, the file may
+/// end inside a batch the writer has not finished copying in: that unterminated tail is
+/// left for the next read, while every line that ends in a newline must parse.
 pub fn audit_lines(log: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
+    let bytes = std::fs::read(log).unwrap_or_default();
+    let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    std::str::from_utf8(&bytes[..end])
+        .expect("the audit log is UTF-8")
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
 }
 
