@@ -122,18 +122,25 @@ impl Params {
     pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
         self.entries
             .iter()
-            .find(|e| same_name(self.name_of(e), name))
+            .find(|e| self.is_named(e, name))
             .map(|e| self.value_of(e))
+    }
+
+    /// Whether `e` is named `name`: told from its length alone for most pairs, without
+    /// slicing the stream.
+    #[inline]
+    fn is_named(&self, e: &Entry, name: &[u8]) -> bool {
+        e.name_len as usize == name.len() && same_name(self.name_of(e), name)
     }
 
     /// The first values of the params named `names`, found in one pass over the pairs.
     pub fn first_of<const N: usize>(&self, names: [&[u8]; N]) -> [Option<&[u8]>; N] {
         let mut found = [None; N];
         let mut missing = N;
-        for (name, value) in self.iter() {
+        for e in &self.entries {
             for (slot, wanted) in found.iter_mut().zip(names) {
-                if slot.is_none() && same_name(name, wanted) {
-                    *slot = Some(value);
+                if slot.is_none() && self.is_named(e, wanted) {
+                    *slot = Some(self.value_of(e));
                     missing -= 1;
                 }
             }

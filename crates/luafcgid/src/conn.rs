@@ -9,7 +9,6 @@
 //! that does not read its replies is dropped after `read_timeout`. When the peer goes away,
 //! every request of the connection still in Lua is told to stop.
 
-use foldhash::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,6 +43,52 @@ const READ_CHUNK: usize = 16 * 1024;
 
 struct InFlight {
     abort: Arc<AtomicBool>,
+}
+
+/// Values by FastCGI request id for one connection. A web server keeps one request in
+/// flight per connection (nginx, Apache, lighttpd, Caddy); the decoder holds at most
+/// `max_requests_per_connection` (64 by default) at once, and nothing is kept here for an
+/// id it let go of. So a linear scan of a short vector, with no hashing: it cost a
+/// `HashMap` some 250 instructions per request to insert and remove in two of them.
+struct ById<V> {
+    entries: Vec<(u16, V)>,
+}
+
+impl<V> ById<V> {
+    fn new() -> Self {
+        ById {
+            entries: Vec::new(),
+        }
+    }
+
+    /// Sets `id`'s value, replacing the one it had.
+    fn insert(&mut self, id: u16, value: V) {
+        match self.entries.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, v)) => *v = value,
+            None => self.entries.push((id, value)),
+        }
+    }
+
+    fn get(&self, id: u16) -> Option<&V> {
+        self.entries.iter().find(|(i, _)| *i == id).map(|(_, v)| v)
+    }
+
+    fn remove(&mut self, id: u16) -> Option<V> {
+        let at = self.entries.iter().position(|(i, _)| *i == id)?;
+        Some(self.entries.swap_remove(at).1)
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.entries.iter().map(|(_, v)| v)
+    }
 }
 
 /// A cleared abort flag for a new request: `spare` again when nothing else holds it any
@@ -94,8 +139,8 @@ where
     let mut out: Vec<u8> = Vec::new();
     // Requests dispatched and not answered yet: at the `select!` only those queued for a
     // state (an inline run's reply is queued at once), whose replies come on `rx`.
-    let mut in_flight: HashMap<u16, InFlight> = HashMap::default();
-    let mut resolved: HashMap<u16, Screened> = HashMap::default();
+    let mut in_flight: ById<InFlight> = ById::new();
+    let mut resolved: ById<Screened> = ById::new();
     // Kept between requests, to be reused by the next one once the last let go of them.
     let mut spare_abort = Arc::new(AtomicBool::new(false));
     let mut spare_probe = Arc::new(SocketProbe::new(stream.as_raw_fd(), None));
@@ -194,7 +239,7 @@ where
                                     abort: abort.clone(),
                                 },
                             );
-                            let (answer, rate, policy) = match resolved.remove(&id) {
+                            let (answer, rate, policy) = match resolved.remove(id) {
                                 Some((answer, rate, policy)) => (Some(answer), rate, policy),
                                 None => (None, Verdict::Unchecked, None),
                             };
@@ -249,12 +294,12 @@ where
                             }
                         }
                         Event::Abort { id } => {
-                            if let Some(f) = in_flight.get(&id) {
+                            if let Some(f) = in_flight.get(id) {
                                 f.abort.store(true, Ordering::Relaxed);
                             } else {
                                 // Aborted while still being assembled: answer at once.
                                 decoder.finish(id);
-                                resolved.remove(&id);
+                                resolved.remove(id);
                                 encode_end_request(
                                     id,
                                     1,
@@ -375,12 +420,12 @@ where
 /// whether the connection may stay open after it.
 fn queue_reply(
     reply: Reply,
-    in_flight: &mut HashMap<u16, InFlight>,
+    in_flight: &mut ById<InFlight>,
     decoder: &mut Decoder,
     out: &mut Vec<u8>,
 ) -> bool {
     if let Framing::FastCgi { id } = reply.framing {
-        in_flight.remove(&id);
+        in_flight.remove(id);
         decoder.finish(id);
     }
     out.extend_from_slice(&reply.bytes);
@@ -409,6 +454,25 @@ async fn write_out<S: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_by_id_keep_one_value_per_id() {
+        let mut m = ById::new();
+        assert!(m.is_empty());
+        m.insert(1, "a");
+        m.insert(7, "b");
+        m.insert(1, "c");
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.get(1), Some(&"c"));
+        assert_eq!(m.get(7), Some(&"b"));
+        assert_eq!(m.get(2), None);
+        assert_eq!(m.remove(1), Some("c"));
+        assert_eq!(m.remove(1), None);
+        assert_eq!(m.get(7), Some(&"b"));
+        assert_eq!(m.values().collect::<Vec<_>>(), [&"b"]);
+        assert_eq!(m.remove(7), Some("b"));
+        assert!(m.is_empty());
+    }
 
     #[test]
     fn an_abort_flag_is_reused_cleared_only_once_its_request_let_go() {

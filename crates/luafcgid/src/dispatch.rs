@@ -672,10 +672,14 @@ pub fn state_options(script: &Script, effective: &Effective) -> StateOptions {
 /// The `r:log` messages of a request (whatever its outcome), then how many were over the cap.
 fn log_script_messages(
     shared: &Shared,
-    request_id: &str,
+    request_id: &RequestId,
     script: &Script,
     (messages, dropped): (Vec<String>, usize),
 ) {
+    if messages.is_empty() && dropped == 0 {
+        return;
+    }
+    let request_id = request_id.as_str();
     let script = truncate(&script.relative);
     for message in &messages {
         shared.audit.lifecycle(

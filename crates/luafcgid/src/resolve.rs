@@ -160,9 +160,11 @@ impl Resolver {
         if name.is_empty() {
             return Err(Refusal::BadRequest("empty SCRIPT_FILENAME"));
         }
-        if name.len() > MAX_SCRIPT_PATH || name.contains(&0) {
+        if name.len() > MAX_SCRIPT_PATH {
             return Err(Refusal::BadRequest("malformed SCRIPT_FILENAME"));
         }
+        // A name found in either cache was checked for a NUL byte before it was cached:
+        // only a name looked up anew is scanned for one.
         if let Some(answer) = self.last_answer(name, now) {
             return answer;
         }
@@ -176,6 +178,9 @@ impl Resolver {
         if let Some((answer, at)) = cached {
             self.remember(name, &answer, at);
             return answer;
+        }
+        if name.contains(&0) {
+            return Err(Refusal::BadRequest("malformed SCRIPT_FILENAME"));
         }
         let answer = self.resolve_uncached(Path::new(OsStr::from_bytes(name)));
         if let Err(Refusal::Unavailable(_)) = answer {
@@ -350,6 +355,21 @@ mod tests {
         let resolver = Resolver::new(&[dir.path().to_path_buf()], &["lua".into()], ttl).unwrap();
         let name = script.as_os_str().as_bytes().to_vec();
         (dir, resolver, name)
+    }
+
+    #[test]
+    fn a_name_with_a_nul_byte_is_refused_even_after_its_prefix_was_cached() {
+        let (_dir, resolver, name) = root_with_script(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let mut with_nul = name.clone();
+        with_nul.extend_from_slice(b"\0.lua");
+        let malformed = Some(Refusal::BadRequest("malformed SCRIPT_FILENAME"));
+        assert_eq!(resolver.resolve(Some(&with_nul), t0).err(), malformed);
+        assert!(resolver.resolve(Some(&name), t0).is_ok());
+        assert_eq!(resolver.resolve(Some(&with_nul), t0).err(), malformed);
+        let mut nul_inside = name.clone();
+        nul_inside.insert(name.len() - 4, 0);
+        assert_eq!(resolver.resolve(Some(&nul_inside), t0).err(), malformed);
     }
 
     #[test]
