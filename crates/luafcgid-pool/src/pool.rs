@@ -129,6 +129,20 @@ impl Pooled for luafcgid_sandbox::ScriptState {
     }
 }
 
+/// A boxed state is pooled as the state: moving it in and out of the pool then copies a
+/// pointer, not the state's fields.
+impl<S: Pooled> Pooled for Box<S> {
+    fn files(&self) -> &[PathBuf] {
+        (**self).files()
+    }
+    fn requests(&self) -> u64 {
+        (**self).requests()
+    }
+    fn memory(&self) -> usize {
+        (**self).memory()
+    }
+}
+
 /// How a lease goes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retire {
@@ -856,6 +870,25 @@ mod tests {
         assert_eq!(pool.sweep(), vec![k.clone()]);
         assert_eq!(pool.idle_states(&k), 0);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_boxed_state_is_pooled_as_the_state() {
+        let pool: StatePool<Box<Fake>> = StatePool::new(4, 0, Duration::from_secs(60));
+        let k = key("/a.lua");
+        let lease = pool
+            .checkout(&k, stamp(1), || fake(vec![]).map(Box::new))
+            .unwrap();
+        let id = lease.state.as_ref().unwrap().id;
+        pool.checkin(lease, Retire::Keep, 0, Duration::ZERO);
+        assert_eq!(pool.stats().memory, 1000, "its memory is counted");
+        let mut again = pool
+            .checkout(&k, stamp(1), || fake(vec![]).map(Box::new))
+            .unwrap();
+        assert_eq!(again.state().id, id, "the idle one is lent again");
+        again.state().requests = 5;
+        pool.checkin(again, Retire::Keep, 5, Duration::ZERO);
+        assert_eq!(pool.idle_states(&k), 0, "worn out by its request count");
     }
 
     #[test]

@@ -763,7 +763,7 @@ fn run(
             policy: effective.generation,
         };
         let lease = shared.pool.checkout(&script.key, version, || {
-            ScriptState::load(&state_options(&script, &effective), &inc.abort)
+            ScriptState::load(&state_options(&script, &effective), &inc.abort).map(Box::new)
         });
         match lease {
             Err(f) => Err(f),

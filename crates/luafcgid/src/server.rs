@@ -104,7 +104,8 @@ pub fn process_limits() -> ProcessLimits {
 pub struct Shared {
     pub config: Config,
     pub resolver: Resolver,
-    pub pool: StatePool<ScriptState>,
+    /// States boxed: a lease moves a pointer in and out of the pool.
+    pub pool: StatePool<Box<ScriptState>>,
     /// One permit per request allowed in Lua at once (`workers`).
     pub lua_slots: Arc<Semaphore>,
     /// The thread that keeps the IO driver polled while Lua runs; told when a run starts.
