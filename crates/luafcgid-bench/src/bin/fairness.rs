@@ -355,7 +355,13 @@ fn run(args: &Args) -> Result<bool, String> {
         } else {
             String::new()
         };
-        let (b, cpu, c, f, e) = phases(args, &setup, &mut daemon, rate, &of)?;
+        let Round {
+            solo: b,
+            crowded: c,
+            flood: f,
+            early: e,
+            cpu,
+        } = phases(args, &setup, &mut daemon, rate, &of)?;
         eprintln!(
             "  p99 B {}, p99 C {}",
             fmt_ns(b.tally.percentile(99.0)),
@@ -418,6 +424,17 @@ fn run(args: &Args) -> Result<bool, String> {
     Ok(pass)
 }
 
+/// What one round of phases B and C measured.
+struct Round {
+    solo: OpenResult,
+    crowded: OpenResult,
+    flood: ClosedResult,
+    /// The rate-limited stream beside the flood.
+    early: Tally,
+    /// CPU over B, and over C.
+    cpu: (Cpu, Cpu),
+}
+
 /// One round: phase B (the good tenant alone), then phase C (the same beside the flood,
 /// and the rate-limited stream). `of` names the round in what is printed.
 fn phases(
@@ -426,7 +443,7 @@ fn phases(
     daemon: &mut Daemon,
     rate: f64,
     of: &str,
-) -> Result<(OpenResult, (Cpu, Cpu), OpenResult, ClosedResult, Tally), String> {
+) -> Result<Round, String> {
     let pid = daemon.pid();
     // Phase B: the good tenant alone, open loop.
     std::thread::sleep(SETTLE);
@@ -485,7 +502,13 @@ fn phases(
     let flood = flood.map_err(|e| format!("the flood: {e}"))?;
     let early = early.map_err(|e| format!("the rate-limited stream: {e}"))?;
     daemon.check_alive()?;
-    Ok((solo, (cpu_b, cpu_c), crowded, flood, early))
+    Ok(Round {
+        solo,
+        crowded,
+        flood,
+        early,
+        cpu: (cpu_b, cpu_c),
+    })
 }
 
 /// The daemon's config: the socket, the document root, and what the flags add.

@@ -480,3 +480,60 @@ fn the_daemon_dies_with_a_killed_benchmark() {
     assert_eq!(code, None, "{out}");
     assert!(process_ends(daemon), "daemon {daemon} outlived scale");
 }
+
+#[test]
+fn fairness_alternates_its_phases_and_pools_each_phases_requests() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fairness"))
+        .arg("--daemon")
+        .arg(daemon_binary())
+        .args([
+            "--rounds",
+            "2",
+            "--duration",
+            "0.3",
+            "--rate",
+            "2000",
+            "--calibrate-secs",
+            "0.3",
+            "--flood-connections",
+            "4",
+            "--flood-timeout-ms",
+            "200",
+            "--flood-warmup-ms",
+            "100",
+            "--drain-secs",
+            "2",
+        ])
+        .output()
+        .expect("run fairness");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // PASS or FAIL (a verdict was reached), not 2 (the run could not be made).
+    assert!(matches!(output.status.code(), Some(0 | 1)), "{out}");
+    assert!(out.contains("phase B (round 1 of 2)"), "{out}");
+    assert!(out.contains("phase C (round 2 of 2)"), "{out}");
+    assert_eq!(
+        out.matches("  p99 B ").count(),
+        2,
+        "a line per round: {out}"
+    );
+    assert!(out.contains("2 rounds of B then C"), "{out}");
+    // 2,000 req/s for 0.3 s is 600 requests a round: each phase's table row counts both.
+    assert!(out.contains("| B: alone | 1200 |"), "{out}");
+    assert!(out.contains("| C: with flood | 1200 |"), "{out}");
+}
+
+#[test]
+fn fairness_refuses_zero_rounds() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fairness"))
+        .arg("--daemon")
+        .arg(daemon_binary())
+        .args(["--rounds", "0"])
+        .output()
+        .expect("run fairness");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--rounds must be at least 1"));
+}
