@@ -82,7 +82,7 @@ impl Params {
     /// Decodes a complete name-value pair stream, taking ownership of it.
     ///
     /// One pass; the memory held is the stream plus 12 bytes per pair (and spare room for
-    /// at most [`SPARE_ENTRIES`] more, or a quarter of the entries).
+    /// at most `SPARE_ENTRIES` (32) more, or a quarter of the entries).
     pub fn decode(raw: Vec<u8>) -> Result<Params, ParamsError> {
         if u32::try_from(raw.len()).is_err() {
             return Err(ParamsError::LengthOverflow);

@@ -153,7 +153,7 @@ pub struct ServeArgs {
     /// Validate the config and exit.
     #[arg(long)]
     pub check: bool,
-    /// FastCGI listener: host:port, :port, [v6]:port, or a unix socket path (has a `/`). Repeatable.
+    /// FastCGI listener: `host:port`, `:port`, `[v6]:port`, or a unix socket path (has a `/`). Repeatable.
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<String>,
     /// Document root; scripts must lie inside one. Repeatable.

@@ -4,7 +4,7 @@
 //!
 //! It builds the CGI params a front end would send (`SCRIPT_FILENAME`, `REQUEST_METHOD`,
 //! `QUERY_STRING`, `CONTENT_LENGTH`, the headers as `HTTP_*`, ...) and hands the request to
-//! [`dispatch`](crate::dispatch::dispatch) exactly as a connection does. It does not loop,
+//! [`dispatch`] exactly as a connection does. It does not loop,
 //! cache states between runs, or listen.
 
 use std::path::{Path, PathBuf};
