@@ -367,34 +367,10 @@ fn run(args: &Args) -> Result<bool, String> {
             fmt_ns(b.tally.percentile(99.0)),
             fmt_ns(c.tally.percentile(99.0))
         );
-        solo = Some(match solo {
-            Some(mut all) => {
-                all.merge(b);
-                all
-            }
-            None => b,
-        });
-        crowded = Some(match crowded {
-            Some(mut all) => {
-                all.merge(c);
-                all
-            }
-            None => c,
-        });
-        flood = Some(match flood {
-            Some(mut all) => {
-                all.merge(f);
-                all
-            }
-            None => f,
-        });
-        early = Some(match early {
-            Some(mut all) => {
-                all.merge(e);
-                all
-            }
-            None => e,
-        });
+        solo = Some(pooled(solo, b, OpenResult::merge));
+        crowded = Some(pooled(crowded, c, OpenResult::merge));
+        flood = Some(pooled(flood, f, ClosedResult::merge));
+        early = Some(pooled(early, e, Tally::merge));
         cpu_b = Some(cpu_b.map_or(cpu.0, |all| all.plus(&cpu.0)));
         cpu_c = Some(cpu_c.map_or(cpu.1, |all| all.plus(&cpu.1)));
     }
@@ -422,6 +398,17 @@ fn run(args: &Args) -> Result<bool, String> {
     let pass = report.print(args);
     println!("load average at end: {}", load_average());
     Ok(pass)
+}
+
+/// `next` added to what the rounds before measured, if any.
+fn pooled<T>(before: Option<T>, next: T, merge: fn(&mut T, T)) -> T {
+    match before {
+        Some(mut all) => {
+            merge(&mut all, next);
+            all
+        }
+        None => next,
+    }
 }
 
 /// What one round of phases B and C measured.
