@@ -70,14 +70,6 @@ fn read_pair(buf: &[u8], mut pos: usize) -> Result<(usize, usize, usize, usize),
     Ok((pos, name_len, value_len, end))
 }
 
-/// Whether two param names are the same. The names a web server sends share their lengths
-/// and prefixes often (`REMOTE_ADDR`, `REQUEST_URI`, `SERVER_NAME`, ...) but rarely their
-/// last byte: compared first, it settles most pairs without a call to `memcmp`.
-#[inline]
-fn same_name(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.last() == b.last() && a == b
-}
-
 impl Params {
     /// Decodes a complete name-value pair stream, taking ownership of it.
     ///
@@ -126,11 +118,17 @@ impl Params {
             .map(|e| self.value_of(e))
     }
 
-    /// Whether `e` is named `name`: told from its length alone for most pairs, without
-    /// slicing the stream.
+    /// Whether `e` is named `name`. Most pairs are told apart by the length in their entry,
+    /// without slicing the stream. The names a web server sends share their lengths and
+    /// prefixes often (`REMOTE_ADDR`, `REQUEST_URI`, `SERVER_NAME`, ...) but rarely their
+    /// last byte: compared next, it settles most of the rest without a call to `memcmp`.
     #[inline]
     fn is_named(&self, e: &Entry, name: &[u8]) -> bool {
-        e.name_len as usize == name.len() && same_name(self.name_of(e), name)
+        if e.name_len as usize != name.len() {
+            return false;
+        }
+        let own = self.name_of(e);
+        own.last() == name.last() && own == name
     }
 
     /// The first values of the params named `names`, found in one pass over the pairs.

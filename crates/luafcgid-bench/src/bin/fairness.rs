@@ -340,48 +340,41 @@ fn run(args: &Args) -> Result<bool, String> {
     }
     eprintln!("  R_max {r_max:.0} req/s, R {rate:.0} req/s");
 
-    let mut solo: Option<OpenResult> = None;
-    let mut crowded: Option<OpenResult> = None;
-    let mut flood: Option<ClosedResult> = None;
-    let mut early: Option<Tally> = None;
-    let (mut cpu_b, mut cpu_c): (Option<Cpu>, Option<Cpu>) = (None, None);
+    let mut all: Option<Round> = None;
     for round in 1..=args.rounds {
         if round > 1 {
             // The last round's flood runs end by their limits: phase B is alone again.
-            std::thread::sleep(Duration::from_millis(args.flood_timeout_ms.min(5000)));
+            std::thread::sleep(flood_runs_end(args));
         }
         let of = if args.rounds > 1 {
             format!(" (round {round} of {})", args.rounds)
         } else {
             String::new()
         };
-        let Round {
-            solo: b,
-            crowded: c,
-            flood: f,
-            early: e,
-            cpu,
-        } = phases(args, &setup, &mut daemon, rate, &of)?;
+        let this = phases(args, &setup, &mut daemon, rate, &of)?;
         eprintln!(
             "  p99 B {}, p99 C {}",
-            fmt_ns(b.tally.percentile(99.0)),
-            fmt_ns(c.tally.percentile(99.0))
+            fmt_ns(this.solo.tally.percentile(99.0)),
+            fmt_ns(this.crowded.tally.percentile(99.0))
         );
-        solo = Some(pooled(solo, b, OpenResult::merge));
-        crowded = Some(pooled(crowded, c, OpenResult::merge));
-        flood = Some(pooled(flood, f, ClosedResult::merge));
-        early = Some(pooled(early, e, Tally::merge));
-        cpu_b = Some(cpu_b.map_or(cpu.0, |all| all.plus(&cpu.0)));
-        cpu_c = Some(cpu_c.map_or(cpu.1, |all| all.plus(&cpu.1)));
+        match &mut all {
+            Some(all) => all.merge(this),
+            None => all = Some(this),
+        }
     }
-    let (Some(solo), Some(crowded), Some(flood), Some(early), Some(cpu_b), Some(cpu_c)) =
-        (solo, crowded, flood, early, cpu_b, cpu_c)
+    let Some(Round {
+        solo,
+        crowded,
+        flood,
+        early,
+        cpu: (cpu_b, cpu_c),
+    }) = all
     else {
         return Err("no round ran".into());
     };
 
     // The audit lines of the abandoned flood requests come when their limits end them.
-    std::thread::sleep(Duration::from_millis(args.flood_timeout_ms.min(5000)) + SETTLE);
+    std::thread::sleep(flood_runs_end(args) + SETTLE);
     let audit = AuditSummary::read(&log).map_err(|e| format!("audit log: {e}"))?;
 
     let report = Report {
@@ -400,15 +393,9 @@ fn run(args: &Args) -> Result<bool, String> {
     Ok(pass)
 }
 
-/// `next` added to what the rounds before measured, if any.
-fn pooled<T>(before: Option<T>, next: T, merge: fn(&mut T, T)) -> T {
-    match before {
-        Some(mut all) => {
-            merge(&mut all, next);
-            all
-        }
-        None => next,
-    }
+/// How long the flood's abandoned runs may go on: until their time limit (at most 5 s).
+fn flood_runs_end(args: &Args) -> Duration {
+    Duration::from_millis(args.flood_timeout_ms.min(5000))
 }
 
 /// What one round of phases B and C measured.
@@ -420,6 +407,17 @@ struct Round {
     early: Tally,
     /// CPU over B, and over C.
     cpu: (Cpu, Cpu),
+}
+
+impl Round {
+    /// Another round's requests and times added to this one's, phase by phase.
+    fn merge(&mut self, other: Round) {
+        self.solo.merge(other.solo);
+        self.crowded.merge(other.crowded);
+        self.flood.merge(other.flood);
+        self.early.merge(other.early);
+        self.cpu = (self.cpu.0.plus(&other.cpu.0), self.cpu.1.plus(&other.cpu.1));
+    }
 }
 
 /// One round: phase B (the good tenant alone), then phase C (the same beside the flood,
